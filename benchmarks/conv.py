@@ -1,0 +1,143 @@
+"""Speed and memory of GMRConv (dense, rings, auto) against torch's convolution.
+
+Run with ``gmrpath benchmark conv``. Default shape: the paper's (2, 128, 64, 64) -> 128
+channels, k = 3, 5, 7, 9, 11; forward (inference, ``no_grad``, eval mode) and
+forward+backward (train mode). The official ``gmr-conv`` package joins as a column when it
+is installed (``pip install gmr-path[bench]``).
+
+Example:
+    >>> from benchmarks.conv import run_conv_benchmark
+    >>> result = run_conv_benchmark(kernel_sizes=(3,), shape=(1, 4, 16, 16), out_channels=4, repeats=1)
+    >>> sorted(result["rows"][0]["forward_ms"])[:2]
+    ['conv', 'gmr_auto']
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+
+from gmr_models import GMRConv
+
+from .common import device_name, interleaved_best_ms, peak_memory_mb
+
+__all__ = ["run_conv_benchmark", "reference_conv"]
+
+
+def reference_conv(in_channels: int, out_channels: int, kernel_size: int, spatial_dims: int = 2):
+    """The authors' ``GMR_Conv2d`` from the ``gmr-conv`` package, or None when not installed."""
+    if spatial_dims != 2:
+        return None
+    try:
+        from GMR_Conv import GMR_Conv2d
+    except ImportError:  # gmr-conv or its torchio/torchvision imports are missing
+        return None
+    return GMR_Conv2d(in_channels, out_channels, kernel_size, padding="same")
+
+
+def _candidates(cin: int, cout: int, k: int, d: int, device: torch.device) -> dict[str, torch.nn.Module]:
+    conv_cls = {1: torch.nn.Conv1d, 2: torch.nn.Conv2d, 3: torch.nn.Conv3d}[d]
+    mods: dict[str, torch.nn.Module] = {"conv": conv_cls(cin, cout, k, padding=k // 2)}
+    for impl in ("dense", "rings", "auto"):
+        mods[f"gmr_{impl}"] = GMRConv(d, cin, cout, k, impl=impl)
+    ref = reference_conv(cin, cout, k, d)
+    if ref is not None:
+        mods["gmr_conv_pkg"] = ref
+    return {name: m.to(device) for name, m in mods.items()}
+
+
+def run_conv_benchmark(
+    kernel_sizes: Sequence[int] = (3, 5, 7, 9, 11),
+    shape: Sequence[int] = (2, 128, 64, 64),
+    out_channels: int = 128,
+    device: str | torch.device = "cpu",
+    repeats: int = 7,
+    memory: bool = True,
+    progress=None,
+) -> dict:
+    """Time every candidate at every kernel size; return a JSON-ready dict.
+
+    Args:
+        kernel_sizes: odd kernel sizes to test.
+        shape: input shape ``(N, C, *spatial)``; its length sets ``spatial_dims``.
+        out_channels: output channels.
+        device: where to run.
+        repeats: timed rounds per measurement (the best is reported).
+        memory: also record peak memory of one forward+backward per candidate.
+        progress: optional callable ``progress(k)`` called after each kernel size.
+
+    Returns:
+        ``{"device", "shape", "out_channels", "rows": [{"k", "forward_ms", "train_ms",
+        "train_peak_mb", "auto_choice_forward", "auto_choice_train"}, ...]}``.
+    """
+    device = torch.device(device)
+    shape = tuple(int(s) for s in shape)
+    d = len(shape) - 2
+    x = torch.randn(shape, device=device)
+    rows = []
+    for k in kernel_sizes:
+        mods = _candidates(shape[1], out_channels, k, d, device)
+
+        def infer(m):
+            def run():
+                with torch.no_grad():
+                    m(x)
+            return run
+
+        def train(m):
+            def run():
+                m.zero_grad(set_to_none=True)
+                m(x).sum().backward()
+            return run
+
+        for m in mods.values():
+            m.eval()
+        fwd = interleaved_best_ms({n: infer(m) for n, m in mods.items()}, device, repeats)
+        for m in mods.values():
+            m.train()
+        bwd = interleaved_best_ms({n: train(m) for n, m in mods.items()}, device, repeats)
+        peak = {n: peak_memory_mb(train(m), device) for n, m in mods.items()} if memory else {}
+        auto = mods["gmr_auto"]
+        with torch.no_grad():
+            choice_fwd = auto.choose_impl(x)
+        choice_train = auto.choose_impl(x)
+        rows.append(
+            {
+                "k": k,
+                "forward_ms": fwd,
+                "train_ms": bwd,
+                "train_peak_mb": peak,
+                "auto_choice_forward": choice_fwd,
+                "auto_choice_train": choice_train,
+            }
+        )
+        if progress is not None:
+            progress(k)
+    return {
+        "benchmark": "conv",
+        "device": device_name(device),
+        "torch": torch.__version__,
+        "shape": list(shape),
+        "out_channels": out_channels,
+        "repeats": repeats,
+        "rows": rows,
+    }
+
+
+def summary_rows(result: dict) -> list[dict]:
+    """Ratios for the report: speed-ups over torch's conv and auto against the best GMR path."""
+    out = []
+    for row in result["rows"]:
+        entry = {"k": row["k"]}
+        for phase in ("forward_ms", "train_ms"):
+            times = row[phase]
+            tag = "fwd" if phase == "forward_ms" else "train"
+            entry[f"{tag}_conv_ms"] = times["conv"]
+            for name in ("gmr_dense", "gmr_rings", "gmr_auto", "gmr_conv_pkg"):
+                if name in times:
+                    entry[f"{tag}_speedup_{name}"] = times["conv"] / times[name]
+            best = min(times["gmr_dense"], times["gmr_rings"])
+            entry[f"{tag}_auto_vs_best"] = times["gmr_auto"] / best
+        out.append(entry)
+    return out

@@ -1,0 +1,118 @@
+"""GMR U-Net for dense prediction (nuclei segmentation), 1D/2D/3D, and its baseline.
+
+Encoder: per level two k x k conv-norm-ReLU units; between levels 2x average pooling.
+Decoder: nearest-neighbour 2x upsampling (no strided transposed convolution, which breaks
+symmetry), a 1x1 convolution, concatenation with the skip, two k x k units. With
+``conv_type="gmr"`` and input sides divisible by ``2**(levels-1)`` the output map is exactly
+equivariant to 90-degree rotations and flips.
+
+Example:
+    >>> import torch
+    >>> from gmr_models import create_model
+    >>> net = create_model("gmr_unet", out_channels=2, base_channels=4, kernel_sizes=(5, 5, 3, 3)).eval()
+    >>> net(torch.randn(1, 3, 32, 32)).shape
+    torch.Size([1, 2, 32, 32])
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+from torch import Tensor, nn
+
+from .blocks import ConvNormAct, check_kernel_sizes
+from .layers import layer_type
+from .layers.factories import check_spatial_dims
+from .registry import register_model
+
+__all__ = ["UNet"]
+
+
+class _DoubleConv(nn.Sequential):
+    def __init__(self, conv_type: str, spatial_dims: int, in_channels: int, out_channels: int, k: int, norm: str):
+        super().__init__(
+            ConvNormAct(conv_type, spatial_dims, in_channels, out_channels, k, norm),
+            ConvNormAct(conv_type, spatial_dims, out_channels, out_channels, k, norm),
+        )
+
+
+class UNet(nn.Module):
+    """U-Net with GMR (or ordinary) convolutions.
+
+    Args:
+        spatial_dims: 1, 2 or 3.
+        in_channels: input channels.
+        out_channels: output channels (logits, e.g. 1 for a nuclei probability map).
+        base_channels: channels of the first level; doubled at every level.
+        kernel_sizes: kernel size per level; its length is the number of levels.
+        conv_type: ``"gmr"`` or ``"conv"`` (baseline).
+        norm: ``"batch"`` or ``"instance"``.
+
+    Shape:
+        ``(N, in_channels, *S) -> (N, out_channels, *S)`` with every side of ``S`` divisible
+        by ``2 ** (len(kernel_sizes) - 1)``.
+    """
+
+    def __init__(
+        self,
+        spatial_dims: int = 2,
+        in_channels: int = 3,
+        out_channels: int = 1,
+        base_channels: int = 32,
+        kernel_sizes: Sequence[int] = (9, 9, 5, 5),
+        conv_type: str = "gmr",
+        norm: str = "batch",
+    ) -> None:
+        super().__init__()
+        spatial_dims = check_spatial_dims(spatial_dims)
+        if not 1 <= len(tuple(kernel_sizes)) <= 6:
+            raise ValueError(f"kernel_sizes must give 1 to 6 levels, got {kernel_sizes!r}")
+        kernel_sizes = check_kernel_sizes(kernel_sizes, len(tuple(kernel_sizes)))
+        for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("base_channels", base_channels)):
+            if not isinstance(value, int) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        self.spatial_dims, self.levels = spatial_dims, len(kernel_sizes)
+        conv1x1 = layer_type("conv", spatial_dims)
+        widths = [base_channels * 2**i for i in range(self.levels)]
+        self.down = nn.ModuleList()
+        c_in = in_channels
+        for width, k in zip(widths, kernel_sizes):
+            self.down.append(_DoubleConv(conv_type, spatial_dims, c_in, width, k, norm))
+            c_in = width
+        self.pool = layer_type("avgpool", spatial_dims)(2)
+        self.reduce = nn.ModuleList()
+        self.up = nn.ModuleList()
+        for level in range(self.levels - 2, -1, -1):
+            self.reduce.append(conv1x1(widths[level + 1], widths[level], 1))
+            self.up.append(_DoubleConv(conv_type, spatial_dims, 2 * widths[level], widths[level], kernel_sizes[level], norm))
+        self.head = conv1x1(widths[0], out_channels, 1)
+
+    def forward(self, x: Tensor) -> Tensor:
+        factor = 2 ** (self.levels - 1)
+        if x.dim() != self.spatial_dims + 2 or any(s % factor for s in x.shape[2:]):
+            raise ValueError(
+                f"expected input (N, C, *spatial) with {self.spatial_dims} spatial sides divisible by {factor}, "
+                f"got shape {tuple(x.shape)}"
+            )
+        skips = []
+        for level, block in enumerate(self.down):
+            x = block(x if level == 0 else self.pool(x))
+            skips.append(x)
+        x = skips.pop()
+        for reduce, block in zip(self.reduce, self.up):
+            x = reduce(torch.nn.functional.interpolate(x, scale_factor=2, mode="nearest"))
+            x = block(torch.cat([x, skips.pop()], dim=1))
+        return self.head(x)
+
+
+@register_model
+def gmr_unet(**kwargs) -> UNet:
+    """GMR U-Net (rotation- and flip-equivariant segmentation)."""
+    return UNet(conv_type="gmr", **kwargs)
+
+
+@register_model
+def unet(**kwargs) -> UNet:
+    """The same U-Net with ordinary convolutions (baseline; not equivariant)."""
+    return UNet(conv_type="conv", **kwargs)
