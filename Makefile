@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml uv.lock
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/gmrpath benchmark conv --repeats 5 --out results/benchmark_conv.json
+	$(VENV)/bin/snakemake --cores all
 
 test: $(STAMP)
 	$(VENV)/bin/python -m pytest -q

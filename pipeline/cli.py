@@ -46,6 +46,192 @@ def models_cmd() -> None:
         typer.echo(name)
 
 
+def _fail(err: Exception) -> None:
+    console.print(f"[bold red]error:[/] {err}")
+    raise typer.Exit(1)
+
+
+def _progress(label: str, unit: str = "tiles"):
+    """A rich progress bar reporting units done / total and units/s; returns (bar, callback)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    bar = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
+        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console, transient=False,
+    )
+    task = bar.add_task(label, total=None, rate="")
+    start = [None]
+
+    def update(done: int, total: int) -> None:
+        if start[0] is None:
+            start[0] = time.perf_counter()
+        elapsed = max(time.perf_counter() - start[0], 1e-9)
+        bar.update(task, completed=done, total=total, rate=f"{done / elapsed:6.1f} {unit}/s")
+
+    return bar, update
+
+
+def _pipeline_config(config: Optional[Path], overrides: dict):
+    from pipeline.config import PipelineConfig, load_config
+
+    default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    path = config if config is not None else (default if default.is_file() else None)
+    if path is None:
+        cfg = PipelineConfig()
+        import dataclasses
+
+        return dataclasses.replace(cfg, **overrides)
+    return load_config(path, overrides)
+
+
+ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `gmrpath models`; random weights) or a .pt checkpoint path. Default: the config's.")
+OutOpt = typer.Option(Path("results"), "--out", "-o", help="Output root; files go to OUT/<slide id>/.")
+ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/default.yaml).")
+MppOpt = typer.Option(None, "--mpp", help="Microns per pixel to use when the slide records none (e.g. 0.25 for 40x, 0.5 for 20x).")
+DeviceOpt = typer.Option(None, "--device", help="auto (CUDA if present), cpu, cuda or cuda:N. Default: the config's.")
+BatchOpt = typer.Option(None, "--batch-size", min=1, help="Tiles per batch. Default: the config's.")
+WorkersOpt = typer.Option(None, "--num-workers", min=0, help="DataLoader workers reading tiles. Default: the config's.")
+TtaOpt = typer.Option(None, "--tta", help="none, or d4: average over the 8 rotations/flips (changes nothing for GMR models).")
+
+
+def _run_overrides(cfg, device, batch_size, num_workers, tta):
+    import dataclasses
+
+    run = {k: v for k, v in dict(device=device, batch_size=batch_size, num_workers=num_workers, tta=tta).items() if v is not None}
+    if tta is not None and tta not in ("none", "d4"):
+        raise typer.BadParameter(f"--tta must be none or d4, got {tta!r}")
+    return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **run))
+
+
+@app.command("tissue")
+def tissue_cmd(
+    slide: Path = typer.Argument(..., help="The slide file."),
+    out: Path = OutOpt,
+    config: Optional[Path] = ConfigOpt,
+    mpp: Optional[float] = MppOpt,
+) -> None:
+    """Detect tissue and write OUT/<slide>/<slide>.tissue.png."""
+    from pipeline.predict import open_configured_slide, slide_outputs, tissue_stage
+    from pipeline.read import slide_id
+
+    try:
+        cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
+        s = open_configured_slide(slide, cfg)
+        mask, _ = tissue_stage(s, cfg, out)
+    except ValueError as err:
+        _fail(err)
+    area = float(mask.sum()) * cfg.tissue.mask_mpp**2 / 1e6
+    console.print(f"{slide}: tissue {area:.2f} mm^2 -> {slide_outputs(out, slide_id(slide))['tissue_png']}")
+
+
+@app.command("predict")
+def predict_cmd(
+    slide: Path = typer.Argument(..., help="The slide file (svs, ndpi, tiff, mrxs, OME-TIFF, ...)."),
+    model: Optional[str] = ModelOpt,
+    out: Path = OutOpt,
+    config: Optional[Path] = ConfigOpt,
+    mpp: Optional[float] = MppOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: Optional[str] = DeviceOpt,
+    num_workers: Optional[int] = WorkersOpt,
+    tta: Optional[str] = TtaOpt,
+) -> None:
+    """Classify the tissue tiles of one slide: OME-Zarr heatmap, GeoJSON, overlay PNG, summary."""
+    import dataclasses
+    import json
+
+    from pipeline.predict import classify_slide
+
+    try:
+        cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
+        if model is not None:
+            cfg = dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, model=model))
+        cfg = _run_overrides(cfg, device, batch_size, num_workers, tta)
+        bar, update = _progress(f"classify {slide.name}")
+        with bar:
+            summary = classify_slide(slide, cfg, out, progress=update)
+    except ValueError as err:
+        _fail(err)
+    Console().print_json(json.dumps({k: summary[k] for k in ("slide", "tiles", "tissue_area_mm2", "class_fraction", "tiles_per_s", "outputs")}))
+
+
+@app.command("segment")
+def segment_cmd(
+    slide: Path = typer.Argument(..., help="The slide file."),
+    model: Optional[str] = ModelOpt,
+    out: Path = OutOpt,
+    config: Optional[Path] = ConfigOpt,
+    mpp: Optional[float] = MppOpt,
+    batch_size: Optional[int] = BatchOpt,
+    device: Optional[str] = DeviceOpt,
+    tta: Optional[str] = TtaOpt,
+    block_px: int = typer.Option(1024, min=64, help="Side of the blocks segmented and written at a time (pixels at the model's mpp)."),
+) -> None:
+    """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary."""
+    import dataclasses
+    import json
+
+    from pipeline.config import PRESETS, ModelSpec
+    from pipeline.segment import segment_slide
+
+    try:
+        cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
+        seg = cfg.segment or ModelSpec(**{k: v for k, v in PRESETS["nuclei"].items()})
+        if model is not None:
+            seg = dataclasses.replace(seg, model=model)
+        cfg = _run_overrides(dataclasses.replace(cfg, segment=seg), device, batch_size, None, tta)
+        bar, update = _progress(f"nuclei {slide.name}", unit="blocks")
+        with bar:
+            summary = segment_slide(slide, cfg, out, progress=update, block_px=block_px)
+    except ValueError as err:
+        _fail(err)
+    Console().print_json(json.dumps(summary))
+
+
+@app.command("cohort")
+def cohort_cmd(out: Path = typer.Argument(..., help="The output root holding one folder per slide.")) -> None:
+    """Aggregate every slide's summary into OUT/cohort.csv and OUT/report.html."""
+    from pipeline.report import write_cohort
+
+    try:
+        csv_path, html_path = write_cohort(out)
+    except (ValueError, FileNotFoundError) as err:
+        _fail(err)
+    console.print(f"wrote {csv_path} and {html_path}")
+
+
+@app.command("config")
+def config_cmd(
+    config: Optional[Path] = ConfigOpt,
+    set_: list[str] = typer.Option([], "--set", help="Override a top-level key, e.g. --set slides=/data/wsi (repeatable)."),
+    write: Optional[Path] = typer.Option(None, help="Write the validated, path-resolved config here (YAML)."),
+) -> None:
+    """Validate a config (with overrides) and print or write the resolved result."""
+    import yaml
+
+    from pipeline.config import config_to_dict
+
+    overrides = {}
+    for item in set_:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise typer.BadParameter(f"--set takes key=value, got {item!r}")
+        overrides[key] = yaml.safe_load(value)
+    try:
+        cfg = _pipeline_config(config, overrides)
+    except ValueError as err:
+        _fail(err)
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    if write is None:
+        typer.echo(text)
+    else:
+        write.parent.mkdir(parents=True, exist_ok=True)
+        tmp = write.with_name(f".{write.name}.tmp")
+        tmp.write_text(text)
+        tmp.replace(write)
+
+
 @bench_app.command("conv")
 def bench_conv(
     kernel_sizes: str = typer.Option("3,5,7,9,11", help="Comma-separated odd kernel sizes."),

@@ -1,0 +1,272 @@
+"""Pipeline configuration: frozen dataclasses, loaded from YAML and validated before any work.
+
+The same file drives ``gmrpath`` and the Snakemake workflow. A wrong key, type or path is a
+:class:`ConfigError` (a ValueError) naming the file and the key.
+
+Example:
+    >>> cfg = load_config("configs/default.yaml")
+    >>> cfg.classify.tile_px, cfg.classify.mpp
+    (224, 0.5)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import yaml
+
+__all__ = ["ConfigError", "ModelSpec", "TissueConfig", "RunConfig", "PipelineConfig", "load_config", "PRESETS"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is wrong; the message names the file and the key."""
+
+
+NCT_CRC_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
+
+#: Task presets: what each model expects (classes, tile size and resolution).
+PRESETS: dict[str, dict[str, Any]] = {
+    "nct_crc": dict(task="classify", model="gmr_resnet18", classes=NCT_CRC_CLASSES, tile_px=224, mpp=0.5),
+    "pcam": dict(task="classify", model="gmr_resnet18", classes=["normal", "tumour"], tile_px=96, mpp=0.972),
+    "nuclei": dict(task="segment", model="gmr_unet", classes=["nucleus"], tile_px=256, mpp=0.5, overlap_px=32),
+}
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """One model and the tiles it sees.
+
+    Attributes:
+        task: ``classify`` (per-tile class probabilities) or ``segment`` (per-pixel nuclei map).
+        model: a registry name (random weights until trained ones exist) or a checkpoint path
+            (``.pt`` written by ``pipeline.models.save_checkpoint``; loaded with weights_only=True).
+        model_kwargs: arguments for ``create_model`` when ``model`` is a name.
+        classes: class names (classify) or the foreground name (segment).
+        tile_px: tile side in pixels at ``mpp``.
+        mpp: resolution the model works at, micrometres per pixel.
+        stride_px: classify: grid step in pixels at ``mpp`` (default ``tile_px``: no overlap).
+        overlap_px: segment: overlap between neighbouring patches, pixels at ``mpp``.
+        seed: seed for the random initialisation of an untrained model (reproducible demo runs).
+    """
+
+    task: str = "classify"
+    model: str = "gmr_resnet18"
+    model_kwargs: dict = field(default_factory=dict)
+    classes: list = field(default_factory=lambda: list(NCT_CRC_CLASSES))
+    tile_px: int = 224
+    mpp: float = 0.5
+    stride_px: Optional[int] = None
+    overlap_px: int = 32
+    seed: int = 0
+
+    @property
+    def step_px(self) -> int:
+        return self.stride_px or self.tile_px
+
+
+@dataclass(frozen=True)
+class TissueConfig:
+    """Tissue detection on a low-resolution thumbnail.
+
+    Attributes:
+        mask_mpp: resolution of the tissue mask.
+        min_tissue_fraction: a tile is kept when at least this fraction of it is tissue.
+        min_object_um2: tissue pieces smaller than this are dropped (dust, debris).
+    """
+
+    mask_mpp: float = 8.0
+    min_tissue_fraction: float = 0.25
+    min_object_um2: float = 5000.0
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    """How inference runs. ``device``: auto, cpu, cuda, cuda:N; ``tta``: none or d4."""
+
+    device: str = "auto"
+    batch_size: int = 16
+    num_workers: int = 2
+    tta: str = "none"
+    amp: bool = True
+    chunk_tiles: int = 16
+
+
+@dataclass(frozen=True)
+class PipelineConfig:
+    """Everything one run needs. Paths are resolved against the config file's folder's parent
+    (the repository root for files under ``configs/``)."""
+
+    slides: str = "data/demo"
+    out: str = "results/demo"
+    mpp: Optional[float] = None
+    mpp_csv: Optional[str] = None
+    classify: Optional[ModelSpec] = field(default_factory=ModelSpec)
+    segment: Optional[ModelSpec] = None
+    tissue: TissueConfig = field(default_factory=TissueConfig)
+    run: RunConfig = field(default_factory=RunConfig)
+
+
+def _build(cls, data: Any, where: str, source: str):
+    if not isinstance(data, dict):
+        raise ConfigError(f"{source}: {where} must be a mapping, got {type(data).__name__}")
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(known))
+    if unknown:
+        raise ConfigError(f"{source}: unknown key(s) {unknown} in {where}; allowed: {sorted(known)}")
+    kwargs = {}
+    for name, value in data.items():
+        key = f"{where}.{name}" if where else name
+        if name in ("classify", "segment"):
+            kwargs[name] = None if value is None else _model_spec(value, key, source)
+        elif name == "tissue":
+            kwargs[name] = _build(TissueConfig, value, key, source)
+        elif name == "run":
+            kwargs[name] = _build(RunConfig, value, key, source)
+        else:
+            kwargs[name] = value
+    try:
+        obj = cls(**kwargs)
+    except TypeError as err:
+        raise ConfigError(f"{source}: {where or 'top level'}: {err}") from None
+    _check_types(obj, where, source)
+    return obj
+
+
+def _model_spec(value: Any, where: str, source: str) -> ModelSpec:
+    if isinstance(value, dict) and "preset" in value:
+        preset = value["preset"]
+        if preset not in PRESETS:
+            raise ConfigError(f"{source}: {where}.preset {preset!r} unknown; choose one of {sorted(PRESETS)}")
+        value = {**PRESETS[preset], **{k: v for k, v in value.items() if k != "preset"}}
+    return _build(ModelSpec, value, where, source)
+
+
+def _check_types(obj, where: str, source: str) -> None:
+    def bad(name, want):
+        key = f"{where}.{name}" if where else name
+        raise ConfigError(f"{source}: {key} must be {want}, got {getattr(obj, name)!r}")
+
+    if isinstance(obj, ModelSpec):
+        if obj.task not in ("classify", "segment"):
+            bad("task", "'classify' or 'segment'")
+        for name in ("tile_px", "overlap_px", "seed"):
+            if not isinstance(getattr(obj, name), int) or getattr(obj, name) < (1 if name == "tile_px" else 0):
+                bad(name, "a positive int" if name == "tile_px" else "an int >= 0")
+        if obj.stride_px is not None and (not isinstance(obj.stride_px, int) or obj.stride_px < 1):
+            bad("stride_px", "a positive int or null")
+        if not isinstance(obj.mpp, (int, float)) or obj.mpp <= 0:
+            bad("mpp", "a positive number (micrometres per pixel)")
+        if not isinstance(obj.classes, list) or not obj.classes:
+            bad("classes", "a non-empty list of names")
+        if obj.task == "segment" and obj.overlap_px * 2 >= obj.tile_px:
+            bad("overlap_px", "less than half of tile_px")
+    elif isinstance(obj, TissueConfig):
+        if not obj.mask_mpp > 0:
+            bad("mask_mpp", "a positive number")
+        if not 0 <= obj.min_tissue_fraction <= 1:
+            bad("min_tissue_fraction", "between 0 and 1")
+    elif isinstance(obj, RunConfig):
+        if obj.tta not in ("none", "d4"):
+            bad("tta", "'none' or 'd4'")
+        for name in ("batch_size", "chunk_tiles"):
+            if not isinstance(getattr(obj, name), int) or getattr(obj, name) < 1:
+                bad(name, "a positive int")
+        if not isinstance(obj.num_workers, int) or obj.num_workers < 0:
+            bad("num_workers", "an int >= 0")
+    elif isinstance(obj, PipelineConfig):
+        if obj.mpp is not None and (not isinstance(obj.mpp, (int, float)) or obj.mpp <= 0):
+            bad("mpp", "a positive number or null")
+
+
+SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".qptiff")
+
+
+def find_slides(slides: str | Path) -> dict[str, Path]:
+    """Slides under ``slides`` (a folder, not recursive, or one file) by slide id.
+
+    Raises:
+        ConfigError: no slides found, or two files with the same slide id.
+    """
+    from .read import slide_id
+
+    root = Path(slides)
+    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
+    found: dict[str, Path] = {}
+    for f in files:
+        sid = slide_id(f)
+        if sid in found:
+            raise ConfigError(f"{root}: two slides share the id {sid!r}: {found[sid].name} and {f.name}")
+        found[sid] = f
+    if not found:
+        raise ConfigError(f"{root}: no slides found (looked for {', '.join(SLIDE_EXTENSIONS)})")
+    return found
+
+
+def config_from_dict(data: dict, source: str = "<dict>", base: Path | None = None) -> PipelineConfig:
+    """Validate a config mapping (what :func:`load_config` does after reading the YAML).
+
+    Relative paths are resolved against ``base`` (default: the working directory).
+
+    Raises:
+        ConfigError: unknown keys, wrong types, a missing slides path or mpp CSV.
+    """
+    base = Path.cwd() if base is None else Path(base)
+    cfg = _build(PipelineConfig, data, "", source)
+
+    def resolve(p: Optional[str]) -> Optional[str]:
+        return None if p is None else str(p if Path(p).is_absolute() else (base / p))
+
+    cfg = dataclasses.replace(cfg, slides=resolve(cfg.slides), out=resolve(cfg.out), mpp_csv=resolve(cfg.mpp_csv))
+    for name in ("classify", "segment"):
+        spec = getattr(cfg, name)
+        if spec is not None and (spec.model.endswith(".pt") or "/" in spec.model):
+            cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(spec, model=resolve(spec.model))})
+    if not Path(cfg.slides).exists():
+        raise ConfigError(f"{source}: slides path {cfg.slides} does not exist")
+    if cfg.mpp_csv is not None and not Path(cfg.mpp_csv).is_file():
+        raise ConfigError(f"{source}: mpp_csv {cfg.mpp_csv} does not exist")
+    if cfg.classify is None and cfg.segment is None:
+        raise ConfigError(f"{source}: nothing to do: set classify and/or segment")
+    return cfg
+
+
+def config_to_dict(cfg: PipelineConfig) -> dict:
+    """The plain mapping of a config (round-trips through :func:`config_from_dict`)."""
+    return dataclasses.asdict(cfg)
+
+
+def load_config(path: str | Path | None = None, overrides: Optional[dict] = None) -> PipelineConfig:
+    """Read and validate a YAML config; ``overrides`` (e.g. Snakemake's ``--config``) win.
+
+    Relative paths (``slides``, ``out``, ``mpp_csv``, checkpoint paths) are resolved against
+    the repository root when the file lives in ``configs/``, else against the file's folder;
+    relative paths in ``overrides`` against the working directory.
+
+    Raises:
+        ConfigError: unknown keys, wrong types, a missing slides path or mpp CSV.
+    """
+    data: dict = {}
+    source = "<defaults>"
+    base = Path.cwd()
+    if path is not None:
+        path = Path(path)
+        source = str(path)
+        if not path.is_file():
+            raise ConfigError(f"{path}: config file not found")
+        try:
+            data = yaml.safe_load(path.read_text()) or {}
+        except yaml.YAMLError as err:
+            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        if not isinstance(data, dict):
+            raise ConfigError(f"{path}: a config must be a mapping of keys to values")
+        base = path.resolve().parent
+        if base.name == "configs":
+            base = base.parent
+    overrides = dict(overrides or {})
+    for key in ("slides", "out", "mpp_csv"):  # paths given on a command line are relative to where it runs
+        if isinstance(overrides.get(key), str) and not Path(overrides[key]).is_absolute():
+            overrides[key] = str(Path.cwd() / overrides[key])
+    return config_from_dict({**data, **overrides}, source, base)

@@ -1,0 +1,102 @@
+"""Infer: batched model inference on tiles, on CUDA with autocast when present, else CPU.
+
+Tiles arrive as uint8 from DataLoader workers (reading overlaps with compute) and are
+converted and normalised on the device. ``tta="d4"`` averages the softmax over the 8
+rotations/flips; for GMR models that changes nothing beyond float rounding.
+
+Example:
+    >>> import torch
+    >>> from pipeline.config import ModelSpec
+    >>> from pipeline.models import load_model
+    >>> m = load_model(ModelSpec(model_kwargs={"base_channels": 4}, tile_px=32))
+    >>> probs = predict_batch(m, torch.zeros(2, 32, 32, 3, dtype=torch.uint8), torch.device("cpu"))
+    >>> probs.shape
+    torch.Size([2, 9])
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+from torch.utils.data import DataLoader, Dataset
+
+from gmr_models.symmetry import apply_symmetry, grid_symmetries, invert_symmetry
+
+from .models import LoadedModel
+
+__all__ = ["prepare_model", "to_model_input", "predict_batch", "iterate_predictions", "segment_logits"]
+
+
+def prepare_model(loaded: LoadedModel, device: torch.device) -> LoadedModel:
+    """Move the model to ``device`` in eval mode (channels-last: the GMR ring path's fast layout)."""
+    loaded.module.to(device).eval()
+    loaded.module.to(memory_format=torch.channels_last)
+    return loaded
+
+
+def to_model_input(tiles: torch.Tensor, loaded: LoadedModel, device: torch.device) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> normalised float ``(N, 3, H, W)`` on ``device``, channels-last."""
+    x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
+    mean = torch.tensor(loaded.mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(loaded.std, device=device).view(1, -1, 1, 1)
+    return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        return torch.autocast("cuda", dtype=dtype)
+    return torch.autocast(device.type, enabled=False)
+
+
+def predict_batch(loaded: LoadedModel, tiles: torch.Tensor, device: torch.device, tta: str = "none", amp: bool = True) -> torch.Tensor:
+    """Class probabilities of a batch of uint8 tiles.
+
+    Shape:
+        ``(N, H, W, 3)`` uint8 -> ``(N, num_classes)`` float32 on CPU.
+    """
+    x = to_model_input(tiles, loaded, device)
+    symmetries = grid_symmetries(2) if tta == "d4" else grid_symmetries(2)[:1]
+    with torch.no_grad(), _autocast(device, amp):
+        probs = sum(loaded.module(apply_symmetry(x, g)).float().softmax(1) for g in symmetries) / len(symmetries)
+    return probs.cpu()
+
+
+def segment_logits(loaded: LoadedModel, image: torch.Tensor, device: torch.device, patch_px: int, overlap_px: int,
+                   batch_size: int, tta: str = "none", amp: bool = True) -> torch.Tensor:
+    """Foreground probability of one region by sliding-window inference with Gaussian blending.
+
+    Shape:
+        ``(H, W, 3)`` uint8 -> ``(H, W)`` float32 on CPU (H, W at least ``patch_px``).
+    """
+    from monai.inferers import sliding_window_inference
+
+    x = to_model_input(image[None], loaded, device)
+    symmetries = grid_symmetries(2) if tta == "d4" else grid_symmetries(2)[:1]
+    out = 0.0
+    with torch.no_grad(), _autocast(device, amp):
+        for g in symmetries:
+            logits = sliding_window_inference(
+                apply_symmetry(x, g), roi_size=(patch_px, patch_px), sw_batch_size=batch_size,
+                predictor=loaded.module, overlap=overlap_px / patch_px, mode="gaussian",
+            )
+            out = out + invert_symmetry(logits.float().sigmoid(), g)
+    return (out / len(symmetries))[0, 0].cpu()
+
+
+def iterate_predictions(
+    loaded: LoadedModel, dataset: Dataset, device: torch.device, batch_size: int, num_workers: int,
+    tta: str = "none", amp: bool = True, on_batch: Callable[[int], None] | None = None,
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Yield ``(tile indices, probabilities)`` batch by batch, in the dataset's order."""
+    loader = DataLoader(
+        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
+        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+    )
+    for idx, tiles in loader:
+        probs = predict_batch(loaded, tiles, device, tta, amp)
+        if on_batch is not None:
+            on_batch(len(idx))
+        yield idx.numpy(), probs.numpy()

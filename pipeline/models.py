@@ -1,0 +1,121 @@
+"""Models for the pipeline: build from a registry name, or load a checkpoint safely.
+
+A checkpoint is a plain dict of tensors and primitives written by :func:`save_checkpoint` and
+read back with ``torch.load(..., weights_only=True)``: no code from a file is ever executed.
+
+Example:
+    >>> from pipeline.config import ModelSpec
+    >>> loaded = load_model(ModelSpec(model="gmr_resnet18", model_kwargs={"base_channels": 8}))
+    >>> loaded.name, loaded.trained
+    ('gmr_resnet18', False)
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from gmr_models import create_model
+
+from .config import ModelSpec
+
+__all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "CHECKPOINT_FORMAT"]
+
+CHECKPOINT_FORMAT = "gmrpath-checkpoint-v1"
+DEFAULT_MEAN = (0.5, 0.5, 0.5)
+DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+class ModelError(ValueError):
+    """A model name or checkpoint cannot be used; the message names it."""
+
+
+@dataclass
+class LoadedModel:
+    """A ready model with what the pipeline needs to feed it and to report it."""
+
+    module: nn.Module
+    name: str
+    checksum: str
+    trained: bool
+    mean: tuple
+    std: tuple
+    spec: ModelSpec
+
+
+def _state_checksum(module: nn.Module) -> str:
+    h = hashlib.sha256()
+    for key, tensor in sorted(module.state_dict().items()):
+        h.update(key.encode())
+        h.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def _out_kwargs(spec: ModelSpec) -> dict:
+    return {"out_channels": len(spec.classes)} if spec.task == "segment" else {"num_classes": len(spec.classes)}
+
+
+def load_model(spec: ModelSpec) -> LoadedModel:
+    """Build ``spec.model`` (a registry name: seeded random weights) or load it (a checkpoint path).
+
+    Raises:
+        ModelError: unknown name, missing or unreadable checkpoint, or a checkpoint whose
+            classes disagree with the spec.
+    """
+    if spec.model.endswith(".pt") or os.sep in spec.model:
+        return _load_checkpoint(Path(spec.model), spec)
+    torch.manual_seed(spec.seed)
+    try:
+        module = create_model(spec.model, **{**_out_kwargs(spec), **spec.model_kwargs})
+    except (ValueError, TypeError) as err:
+        raise ModelError(f"model {spec.model!r}: {err}") from None
+    module.eval()
+    return LoadedModel(module, spec.model, _state_checksum(module), False, DEFAULT_MEAN, DEFAULT_STD, spec)
+
+
+def _load_checkpoint(path: Path, spec: ModelSpec) -> LoadedModel:
+    if not path.is_file():
+        raise ModelError(f"{path}: model checkpoint not found")
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - corrupt, truncated or pickled-code files alike
+        raise ModelError(f"{path}: not a readable GMR-Path checkpoint ({type(err).__name__}: {err})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path}: not a GMR-Path checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
+    classes = list(ckpt.get("classes", spec.classes))
+    try:
+        module = create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
+        module.load_state_dict(ckpt["state_dict"])
+    except (KeyError, ValueError, RuntimeError, TypeError) as err:
+        raise ModelError(f"{path}: checkpoint does not fit model {ckpt.get('model')!r}: {err}") from None
+    module.eval()
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    spec = ModelSpec(
+        task=spec.task, model=str(path), model_kwargs=dict(ckpt.get("model_kwargs", {})), classes=classes,
+        tile_px=int(ckpt.get("tile_px", spec.tile_px)), mpp=float(ckpt.get("mpp", spec.mpp)),
+        stride_px=spec.stride_px, overlap_px=spec.overlap_px, seed=spec.seed,
+    )
+    return LoadedModel(
+        module, ckpt["model"], digest, True, tuple(ckpt.get("mean", DEFAULT_MEAN)), tuple(ckpt.get("std", DEFAULT_STD)), spec
+    )
+
+
+def save_checkpoint(module: nn.Module, path: str | Path, model: str, model_kwargs: dict, classes: list, tile_px: int,
+                    mpp: float, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> Path:
+    """Write a checkpoint :func:`load_model` reads (atomically: temporary file, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    payload = {
+        "format": CHECKPOINT_FORMAT, "model": model, "model_kwargs": dict(model_kwargs), "classes": list(classes),
+        "tile_px": int(tile_px), "mpp": float(mpp), "mean": list(mean), "std": list(std),
+        "state_dict": module.state_dict(),
+    }
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(payload, tmp)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,218 @@
+"""Read: open a slide, find its resolution, read regions at a target resolution.
+
+OpenSlide reads svs, ndpi, mrxs, scn, generic tiled TIFF...; what it cannot open is tried
+with TIAToolbox (OME-TIFF and the formats its readers add). Resolution is in micrometres per
+pixel (mpp) throughout: from ``openslide.mpp-x/y``, else the TIFF resolution tags, else the
+caller's per-slide override (``mpp_csv``) or default (``mpp``); with none, a
+:class:`SlideError` naming the file. Coordinates are (x, y) in level-0 pixels.
+
+Example:
+    >>> slide = open_slide("data/demo/CMU-1-Small-Region.svs")
+    >>> round(slide.mpp, 3), slide.dimensions
+    (0.499, (2220, 2967))
+    >>> read_region(slide, (0, 0), (224, 224), target_mpp=1.0).shape
+    (224, 224, 3)
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+
+__all__ = ["SlideError", "Slide", "open_slide", "read_region", "read_mpp_csv", "slide_id"]
+
+MPP_RANGE = (0.05, 200.0)  # plausible micrometres per pixel; outside it the metadata is ignored
+
+
+class SlideError(ValueError):
+    """A slide cannot be used; the message names the file and the problem."""
+
+
+@dataclass
+class Slide:
+    """An open slide. Not shared across processes: each DataLoader worker opens its own.
+
+    Attributes:
+        path: the file.
+        mpp: level-0 micrometres per pixel.
+        mpp_source: where ``mpp`` came from (metadata key, ``mpp_csv`` or ``default``).
+        level_dimensions: (width, height) of every pyramid level.
+        level_downsamples: downsample of every level relative to level 0.
+    """
+
+    path: Path
+    mpp: float
+    mpp_source: str
+    level_dimensions: tuple
+    level_downsamples: tuple
+    backend: str
+    handle: Any = field(repr=False, default=None)
+
+    @property
+    def dimensions(self) -> tuple[int, int]:
+        return tuple(self.level_dimensions[0])
+
+    def close(self) -> None:
+        if self.backend == "openslide" and self.handle is not None:
+            self.handle.close()
+
+
+def slide_id(path: str | os.PathLike) -> str:
+    """The slide's name without its extension(s) (``a/b/CMU-1.ome.tiff`` -> ``CMU-1``)."""
+    name = Path(path).name
+    for ext in (".ome.tiff", ".ome.tif"):
+        if name.lower().endswith(ext):
+            return name[: -len(ext)]
+    return Path(name).stem
+
+
+def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
+    """Read a ``slide,mpp`` CSV (header required) into {slide id: mpp}.
+
+    Raises:
+        ValueError: naming the file and row when a column is missing or an mpp is not a number.
+    """
+    table: dict[str, float] = {}
+    with open(path, newline="") as f:
+        reader = csv.DictReader(f)
+        if reader.fieldnames is None or not {"slide", "mpp"} <= set(reader.fieldnames):
+            raise ValueError(f"{path}: an mpp CSV needs the header 'slide,mpp', got {reader.fieldnames}")
+        for row_no, row in enumerate(reader, start=2):
+            try:
+                table[slide_id(row["slide"])] = float(row["mpp"])
+            except (TypeError, ValueError):
+                raise ValueError(f"{path}: row {row_no}: mpp {row['mpp']!r} is not a number") from None
+    return table
+
+
+def _plausible(value: Optional[float]) -> Optional[float]:
+    if value is None or not math.isfinite(value) or not MPP_RANGE[0] <= value <= MPP_RANGE[1]:
+        return None
+    return float(value)
+
+
+def _metadata_mpp(props: dict) -> tuple[Optional[float], str]:
+    try:
+        mx, my = float(props["openslide.mpp-x"]), float(props["openslide.mpp-y"])
+        if _plausible(mx) and _plausible(my):
+            return (mx + my) / 2.0, "openslide.mpp-x/y"
+    except (KeyError, ValueError):
+        pass
+    unit = str(props.get("tiff.ResolutionUnit", "")).lower()
+    per_unit = {"inch": 25400.0, "centimeter": 10000.0, "2": 25400.0, "3": 10000.0}.get(unit)
+    try:
+        xres = float(props["tiff.XResolution"])
+        if per_unit and xres > 0 and _plausible(per_unit / xres):
+            return per_unit / xres, "tiff.XResolution"
+    except (KeyError, ValueError):
+        pass
+    return None, ""
+
+
+def open_slide(path: str | os.PathLike, mpp: Optional[float] = None, mpp_csv: Optional[dict[str, float]] = None) -> Slide:
+    """Open ``path`` with OpenSlide (TIAToolbox for what OpenSlide cannot read).
+
+    Args:
+        path: the slide file.
+        mpp: fallback level-0 mpp when the file has none.
+        mpp_csv: per-slide fallback mpp by slide id (see :func:`read_mpp_csv`); wins over ``mpp``.
+
+    Raises:
+        SlideError: missing file, a file no reader can open, or no mpp anywhere.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise SlideError(f"{path}: no such file")
+    import openslide
+
+    try:
+        handle = openslide.OpenSlide(str(path))
+        props = dict(handle.properties)
+        dims, downs, backend = handle.level_dimensions, handle.level_downsamples, "openslide"
+        meta_mpp, source = _metadata_mpp(props)
+    except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as err:
+        handle, dims, downs, meta_mpp, source = _open_tiatoolbox(path, err)
+        backend = "tiatoolbox"
+    fallback = (mpp_csv or {}).get(slide_id(path))
+    if meta_mpp is None:
+        if fallback is not None:
+            meta_mpp, source = fallback, "mpp_csv"
+        elif mpp is not None:
+            meta_mpp, source = float(mpp), "default (--mpp)"
+        else:
+            raise SlideError(
+                f"{path}: the file records no resolution (no openslide.mpp-x/y, no TIFF resolution tags); "
+                "give it with --mpp or a slide,mpp CSV (mpp_csv in the config)"
+            )
+    if not _plausible(meta_mpp):
+        raise SlideError(f"{path}: mpp {meta_mpp} is outside the plausible range {MPP_RANGE}")
+    return Slide(path, float(meta_mpp), source, tuple(map(tuple, dims)), tuple(downs), backend, handle)
+
+
+def _open_tiatoolbox(path: Path, openslide_error: Exception):
+    try:
+        from tiatoolbox.wsicore.wsireader import WSIReader
+
+        reader = WSIReader.open(str(path))
+        info = reader.info
+        dims = [tuple(int(v) for v in d) for d in info.level_dimensions]
+        mpp = info.mpp
+        meta = _plausible(float(np.mean(mpp))) if mpp is not None else None
+        return reader, dims, tuple(float(d) for d in info.level_downsamples), meta, "tiatoolbox mpp"
+    except Exception as err:  # noqa: BLE001 - any reader failure means "not a slide we can read"
+        raise SlideError(
+            f"{path}: not a readable slide (OpenSlide: {openslide_error}; TIAToolbox: {type(err).__name__}: {err})"
+        ) from None
+
+
+def best_level(slide: Slide, target_mpp: float) -> int:
+    """The coarsest level whose resolution is at least as fine as ``target_mpp``."""
+    level = 0
+    for i, ds in enumerate(slide.level_downsamples):
+        if slide.mpp * ds <= target_mpp * 1.001:
+            level = i
+    return level
+
+
+def read_region(slide: Slide, location: tuple[int, int], size: tuple[int, int], target_mpp: float) -> np.ndarray:
+    """Read ``size`` = (width, height) pixels at ``target_mpp`` whose top-left is level-0 ``location``.
+
+    Reads from the nearest level at least as fine as the target and resamples (area averaging
+    when shrinking). Pixels beyond the slide or transparent in it come back white.
+
+    Shape:
+        returns ``(height, width, 3)`` uint8 RGB.
+
+    Raises:
+        SlideError: the file fails while reading (corrupt tile data, unreadable level).
+    """
+    import cv2
+
+    level = best_level(slide, target_mpp)
+    ds = slide.level_downsamples[level]
+    scale = target_mpp / slide.mpp  # level-0 pixels per output pixel
+    w_lvl = max(1, int(math.ceil(size[0] * scale / ds)))
+    h_lvl = max(1, int(math.ceil(size[1] * scale / ds)))
+    x, y = int(location[0]), int(location[1])
+    try:
+        if slide.backend == "openslide":
+            rgba = np.asarray(slide.handle.read_region((x, y), level, (w_lvl, h_lvl)))
+            alpha = rgba[..., 3:4].astype(np.float32) / 255.0
+            rgb = (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+        else:
+            rgb = np.asarray(slide.handle.read_rect((x, y), (w_lvl, h_lvl), resolution=level, units="level"))[..., :3]
+    except Exception as err:  # noqa: BLE001 - surface as a named, per-file error
+        raise SlideError(f"{slide.path}: cannot read level {level} at (x={x}, y={y}): {type(err).__name__}: {err}") from None
+    # the exact extent in level pixels is size*scale/ds; crop to it before resampling
+    w_exact, h_exact = size[0] * scale / ds, size[1] * scale / ds
+    if (w_lvl, h_lvl) != tuple(size) or abs(w_exact - size[0]) > 1e-6:
+        crop = rgb[: max(1, round(h_exact)), : max(1, round(w_exact))]
+        interp = cv2.INTER_AREA if w_exact > size[0] else cv2.INTER_LINEAR
+        rgb = cv2.resize(np.ascontiguousarray(crop), tuple(int(s) for s in size), interpolation=interp)
+    return np.ascontiguousarray(rgb)

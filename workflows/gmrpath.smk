@@ -1,0 +1,105 @@
+"""Rules of the GMR-Path workflow. The config is validated (pipeline.config) before any job runs,
+written resolved to OUT/.gmrpath/config.yaml, and every rule calls the `gmrpath` CLI with it,
+so the workflow and the command line always run the same configuration."""
+
+import sys
+from pathlib import Path
+
+import yaml
+
+from pipeline.config import ConfigError, config_from_dict, config_to_dict, find_slides
+
+configfile: "configs/default.yaml"
+
+try:
+    CFG = config_from_dict(dict(config), "Snakemake config (configs/default.yaml + --config/--configfile)", base=Path.cwd())
+    SLIDES = find_slides(CFG.slides)
+except ConfigError as err:
+    raise WorkflowError(f"invalid configuration: {err}")
+
+OUT = Path(CFG.out)
+RESOLVED = OUT / ".gmrpath" / "config.yaml"
+RESOLVED.parent.mkdir(parents=True, exist_ok=True)
+_text = yaml.safe_dump(config_to_dict(CFG), sort_keys=False)
+if not RESOLVED.is_file() or RESOLVED.read_text() != _text:  # rewrite only on change: its mtime drives reruns
+    _tmp = RESOLVED.with_name(".config.yaml.tmp")
+    _tmp.write_text(_text)
+    _tmp.replace(RESOLVED)
+GMRPATH = f"{sys.executable} -m pipeline.cli"  # the interpreter running snakemake, so its environment
+
+
+def slide_path(wildcards):
+    return str(SLIDES[wildcards.slide])
+
+
+def cohort_inputs(wildcards):
+    files = []
+    for sid in SLIDES:
+        if CFG.classify is not None:
+            files.append(OUT / sid / f"{sid}.summary.json")
+        if CFG.segment is not None:
+            files.append(OUT / sid / f"{sid}.nuclei.summary.json")
+    return files
+
+
+wildcard_constraints:
+    slide="[^/]+",
+
+
+rule tissue:
+    input:
+        slide=slide_path,
+        config=RESOLVED,
+    output:
+        OUT / "{slide}" / "{slide}.tissue.png",
+    log:
+        OUT / "logs" / "{slide}.tissue.log",
+    shell:
+        "{GMRPATH} tissue {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+
+
+rule classify:
+    input:
+        slide=slide_path,
+        tissue=OUT / "{slide}" / "{slide}.tissue.png",
+        config=RESOLVED,
+    output:
+        summary=OUT / "{slide}" / "{slide}.summary.json",
+        zarr=directory(OUT / "{slide}" / "{slide}.classify.ome.zarr"),
+        geojson=OUT / "{slide}" / "{slide}.tiles.geojson",
+        overlay=OUT / "{slide}" / "{slide}.overlay.png",
+    log:
+        OUT / "logs" / "{slide}.classify.log",
+    threads: 2
+    resources:
+        gpu=1 if CFG.run.device.startswith("cuda") else 0,
+    shell:
+        "{GMRPATH} predict {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+
+
+rule segment:
+    input:
+        slide=slide_path,
+        tissue=OUT / "{slide}" / "{slide}.tissue.png",
+        config=RESOLVED,
+    output:
+        summary=OUT / "{slide}" / "{slide}.nuclei.summary.json",
+        zarr=directory(OUT / "{slide}" / "{slide}.nuclei.ome.zarr"),
+        geojson=OUT / "{slide}" / "{slide}.nuclei.geojson",
+    log:
+        OUT / "logs" / "{slide}.segment.log",
+    threads: 2
+    resources:
+        gpu=1 if CFG.run.device.startswith("cuda") else 0,
+    shell:
+        "{GMRPATH} segment {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+
+
+rule cohort:
+    input:
+        cohort_inputs,
+    output:
+        csv=OUT / "cohort.csv",
+        html=OUT / "report.html",
+    shell:
+        "{GMRPATH} cohort {OUT:q}"
