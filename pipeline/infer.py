@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Iterator
 
 import numpy as np
 import torch
@@ -26,7 +26,7 @@ from gmr_models.symmetry import apply_symmetry, grid_symmetries, invert_symmetry
 
 from .models import LoadedModel
 
-__all__ = ["prepare_model", "to_model_input", "predict_batch", "iterate_predictions", "segment_logits"]
+__all__ = ["prepare_model", "to_model_input", "predict_batch", "chunk_batches", "iterate_predictions", "segment_logits"]
 
 
 def prepare_model(loaded: LoadedModel, device: torch.device) -> LoadedModel:
@@ -86,17 +86,32 @@ def segment_logits(loaded: LoadedModel, image: torch.Tensor, device: torch.devic
     return (out / len(symmetries))[0, 0].cpu()
 
 
+def chunk_batches(groups: np.ndarray, batch_size: int) -> list[list[int]]:
+    """Batches of dataset positions that never span two groups (chunks).
+
+    A tile's result then depends only on its chunk, not on where a run started: a resumed run
+    forms the same batches as an uninterrupted one and so writes bit-identical output (batched
+    kernels may round differently for different batch compositions).
+    """
+    batches: list[list[int]] = []
+    start = 0
+    for end in list(np.flatnonzero(np.diff(groups)) + 1) + [len(groups)]:
+        batches += [list(range(i, min(i + batch_size, end))) for i in range(start, end, batch_size)]
+        start = end
+    return batches
+
+
 def iterate_predictions(
     loaded: LoadedModel, dataset: Dataset, device: torch.device, batch_size: int, num_workers: int,
-    tta: str = "none", amp: bool = True, on_batch: Callable[[int], None] | None = None,
+    tta: str = "none", amp: bool = True, groups: np.ndarray | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """Yield ``(tile indices, probabilities)`` batch by batch, in the dataset's order."""
+    """Yield ``(tile indices, probabilities)`` batch by batch, in the dataset's order; with
+    ``groups`` (one chunk id per dataset item, sorted) batches never span two chunks."""
+    groups = np.zeros(len(dataset), np.int64) if groups is None else np.asarray(groups)
     loader = DataLoader(
-        dataset, batch_size=batch_size, num_workers=num_workers, pin_memory=device.type == "cuda",
-        prefetch_factor=4 if num_workers else None, persistent_workers=False,
+        dataset, batch_sampler=chunk_batches(groups, batch_size), num_workers=num_workers,
+        pin_memory=device.type == "cuda", prefetch_factor=4 if num_workers else None, persistent_workers=False,
     )
     for idx, tiles in loader:
         probs = predict_batch(loaded, tiles, device, tta, amp)
-        if on_batch is not None:
-            on_batch(len(idx))
         yield idx.numpy(), probs.numpy()

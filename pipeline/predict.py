@@ -164,7 +164,8 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
         done = written = 0
         t0 = time.perf_counter()
         per_row = math.ceil(grid.n_cols / chunk)
-        for idx, probs in iterate_predictions(loaded, dataset, dev, cfg.run.batch_size, cfg.run.num_workers, cfg.run.tta, cfg.run.amp):
+        for idx, probs in iterate_predictions(loaded, dataset, dev, cfg.run.batch_size, cfg.run.num_workers,
+                                             cfg.run.tta, cfg.run.amp, groups=chunk_ids[todo]):
             for i, p in zip(idx, probs):
                 c = int(chunk_ids[i])
                 buf = buffers.setdefault(c, np.zeros((n_cls, chunk, chunk), np.float32))

@@ -1,0 +1,96 @@
+"""Generated slides for tests and benchmarks: real tissue re-tiled into pyramidal TIFFs.
+
+OpenSlide reads these as "generic tiled TIFF": one tiled page per pyramid level. The
+resolution tags carry the mpp (or are left out, to test the missing-mpp path). Larger slides
+are mosaics of the real tissue (mirrored copies), written strip by strip so that making a
+big slide does not need it in memory.
+
+Example:
+    >>> import numpy as np
+    >>> path = write_pyramidal_tiff("/tmp/doc_slide.tif", np.full((512, 512, 3), 240, np.uint8), mpp=0.5)
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+__all__ = ["write_pyramidal_tiff", "mosaic_tiff", "read_demo_tissue"]
+
+
+def _levels(image: np.ndarray, n_levels: int):
+    import cv2
+
+    level = image
+    for i in range(n_levels):
+        yield level
+        if i + 1 < n_levels:
+            level = cv2.resize(level, (max(1, level.shape[1] // 2), max(1, level.shape[0] // 2)), interpolation=cv2.INTER_AREA)
+
+
+def write_pyramidal_tiff(path: str | Path, image: np.ndarray, mpp: Optional[float] = 0.5, levels: int = 3,
+                         tile: int = 256, compression: Optional[str] = "jpeg") -> Path:
+    """Write ``image`` (H, W, 3 uint8) as a tiled pyramidal TIFF with ``levels`` levels (2x each)."""
+    import tifffile
+
+    path = Path(path)
+    kwargs = {}
+    if mpp is not None:
+        kwargs = dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+    with tifffile.TiffWriter(path, bigtiff=image.nbytes > 2**31) as tif:
+        for i, level in enumerate(_levels(image, levels)):
+            tif.write(level, tile=(tile, tile), photometric="rgb", compression=compression,
+                      subfiletype=1 if i else 0, **({} if i else kwargs))
+    return path
+
+
+def read_demo_tissue(slide_path: str | Path) -> np.ndarray:
+    """The whole demo slide at level 0 as RGB (it is 2220 x 2967 px)."""
+    import openslide
+
+    s = openslide.OpenSlide(str(slide_path))
+    rgb = np.asarray(s.read_region((0, 0), 0, s.dimensions).convert("RGB"))
+    s.close()
+    return rgb
+
+
+def mosaic_tiff(path: str | Path, tissue: np.ndarray, repeat: int, mpp: float = 0.5, tile: int = 256, levels: int = 3) -> Path:
+    """A ``repeat x repeat`` mosaic of ``tissue`` (mirrored alternately so edges match) as a pyramidal TIFF.
+
+    Every level is generated one band of tiles at a time (tifffile takes an iterator of tiles),
+    so memory stays at one band of the mosaic whatever ``repeat`` is.
+    """
+    import cv2
+    import tifffile
+
+    unit = tile * 2 ** (levels - 1)  # crop so that every level is a whole number of tiles
+    h, w = (tissue.shape[0] // unit) * unit, (tissue.shape[1] // unit) * unit
+    base = tissue[:h, :w]
+    variants = [[base, base[:, ::-1]], [base[::-1], base[::-1, ::-1]]]
+    H, W = h * repeat, w * repeat
+
+    def band(y: int, rows: int) -> np.ndarray:
+        parts = []
+        for yy in range(y, y + rows, tile):
+            ry, oy = divmod(yy, h)
+            parts.append(np.concatenate([variants[ry % 2][rx % 2][oy: oy + tile] for rx in range(repeat)], axis=1))
+        return np.concatenate(parts, axis=0)
+
+    def tiles(step: int):
+        for y in range(0, H, tile * step):
+            b = band(y, tile * step)
+            if step > 1:
+                b = cv2.resize(b, (W // step, tile), interpolation=cv2.INTER_AREA)
+            for x in range(0, b.shape[1], tile):
+                yield np.ascontiguousarray(b[:, x: x + tile])
+
+    path = Path(path)
+    with tifffile.TiffWriter(path, bigtiff=True) as tif:
+        for i in range(levels):
+            step = 2**i
+            extra = {} if i else dict(resolution=(1e4 / mpp, 1e4 / mpp), resolutionunit="CENTIMETER")
+            tif.write(tiles(step), shape=(H // step, W // step, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
+                      compression="jpeg", subfiletype=1 if i else 0, **extra)
+    return path
