@@ -141,12 +141,13 @@ def predict_cmd(
     import dataclasses
     import json
 
+    from pipeline.config import PRESETS, ModelSpec
     from pipeline.predict import classify_slide
 
     try:
         cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
-        if model is not None:
-            cfg = dataclasses.replace(cfg, classify=dataclasses.replace(cfg.classify, model=model))
+        spec = cfg.classify or ModelSpec(**PRESETS["nct_crc"])
+        cfg = dataclasses.replace(cfg, classify=spec if model is None else dataclasses.replace(spec, model=model))
         cfg = _run_overrides(cfg, device, batch_size, num_workers, tta)
         bar, update = _progress(f"classify {slide.name}")
         with bar:
@@ -318,6 +319,38 @@ def bench_equivariance(
     json_path = write_json(out_dir / "benchmark_equivariance.json", result)
     png_path = plot_equivariance(result, out_dir / "benchmark_equivariance.png")
     console.print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.0f} s")
+
+
+@bench_app.command("pipeline")
+def bench_pipeline(
+    slide: Path = typer.Argument(Path("data/demo/CMU-1-Small-Region.svs"), help="The slide to measure on."),
+    config: Optional[Path] = ConfigOpt,
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N."),
+    repeats: int = typer.Option(2, min=1, help="Runs per rate; the best is reported."),
+    tiatoolbox: bool = typer.Option(True, help="Also run TIAToolbox's PatchPredictor with the same model."),
+    memory: bool = typer.Option(True, help="Peak memory on generated 1x, 4x, 16x mosaics of the slide's tissue."),
+    out: Path = typer.Option(Path("results/benchmark_pipeline.json"), help="Where to write the JSON results."),
+) -> None:
+    """Tiles/s for reading alone, model alone and end to end; TIAToolbox for comparison; peak memory vs slide size."""
+    from benchmarks.common import write_json
+    from benchmarks.pipeline import run_pipeline_benchmark
+
+    with console.status("benchmarking the pipeline") as status:
+        result = run_pipeline_benchmark(slide, str(config) if config else None, device, repeats, tiatoolbox,
+                                        (1, 2, 4) if memory else (), progress=status.update)
+    table = Table(title=f"pipeline on {slide.name}: {result['tiles']} tiles, {result['model']}, {result['device']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, rate in result["tiles_per_s"].items():
+        table.add_row(f"{name} tiles/s", f"{rate:.2f}")
+    table.add_row("end to end / model alone", f"{result['end_to_end_vs_model']:.3f}")
+    if "tiatoolbox" in result:
+        table.add_row("TIAToolbox PatchPredictor patches/s", str(result["tiatoolbox"]["patches_per_s"]))
+        table.add_row("end to end / TIAToolbox", str(result.get("end_to_end_vs_tiatoolbox")))
+    for m in result.get("memory", []):
+        table.add_row(f"peak RSS, {m['area_x']}x area {m['dimensions_px']}", f"{m['peak_rss_mib']:.0f} MiB")
+    Console(width=160).print(table)
+    console.print(f"wrote {write_json(out, result)}")
 
 
 def main() -> None:  # pragma: no cover

@@ -127,8 +127,9 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
     """
     from .infer import iterate_predictions, prepare_model
     from .models import load_model
-    from .runtime import resolve_device
+    from .runtime import bound_heap_growth, resolve_device
 
+    bound_heap_growth()
     start = time.perf_counter()
     spec = cfg.classify
     if spec is None:

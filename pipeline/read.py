@@ -203,8 +203,10 @@ def read_region(slide: Slide, location: tuple[int, int], size: tuple[int, int], 
     try:
         if slide.backend == "openslide":
             rgba = np.asarray(slide.handle.read_region((x, y), level, (w_lvl, h_lvl)))
-            alpha = rgba[..., 3:4].astype(np.float32) / 255.0
-            rgb = (rgba[..., :3] * alpha + 255.0 * (1.0 - alpha)).astype(np.uint8)
+            rgb = rgba[..., :3]
+            if rgba[..., 3].min() < 255:  # beyond the slide or in an empty region: composite over white
+                alpha = rgba[..., 3:4].astype(np.uint16)
+                rgb = ((rgb * alpha + 255 * (255 - alpha) + 127) // 255).astype(np.uint8)
         else:
             rgb = np.asarray(slide.handle.read_rect((x, y), (w_lvl, h_lvl), resolution=level, units="level"))[..., :3]
     except Exception as err:  # noqa: BLE001 - surface as a named, per-file error

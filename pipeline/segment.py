@@ -44,9 +44,10 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
 
     from .infer import prepare_model, segment_logits
     from .models import load_model
-    from .runtime import resolve_device
+    from .runtime import bound_heap_growth, resolve_device
     from .summary import write_summary
 
+    bound_heap_growth()
     start = time.perf_counter()
     if cfg.segment is None:
         raise ValueError("the config has no segment model")

@@ -24,7 +24,7 @@ from .read import Slide, SlideError, read_region
 
 __all__ = ["NoTissueError", "render_thumbnail", "detect_tissue", "save_mask_png"]
 
-BLOCK_PX = 1024  # thumbnail pixels read per block
+BLOCK_PX = 512  # thumbnail pixels read per block: bounds the memory of a read
 
 
 class NoTissueError(SlideError):
