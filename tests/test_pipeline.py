@@ -292,3 +292,22 @@ def test_cli_help_lists_the_commands():
     result = CliRunner().invoke(app, ["--help"])
     for cmd in ("predict", "segment", "tissue", "cohort", "benchmark", "models"):
         assert cmd in result.output
+
+
+def test_reads_beyond_the_slide_are_white_and_inside_unchanged():
+    slide = open_slide(DEMO)
+    w0, h0 = slide.dimensions
+    edge = read_region(slide, (w0 - 100, 0), (200, 200), slide.mpp)
+    assert np.all(edge[:, 110:] == 255)  # past the right edge: white, not black
+    inside = read_region(slide, (w0 - 300, 500), (200, 200), slide.mpp)
+    import openslide
+
+    ref = np.asarray(openslide.OpenSlide(str(DEMO)).read_region((w0 - 300, 500), 0, (200, 200)))[..., :3]
+    assert np.array_equal(inside, ref)
+
+
+def test_batches_never_span_chunks():
+    from pipeline.infer import chunk_batches
+
+    batches = chunk_batches(np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2]), 2)
+    assert batches == [[0, 1], [2], [3, 4], [5, 6], [7, 8], [9]]
