@@ -220,10 +220,10 @@ def _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded
     on_tissue = probs.sum(axis=0) > 0.5
     label_map = da.where(on_tissue, probs.argmax(axis=0) + 1, 0).astype("uint8")
     write_label(group, "classes", label_map, scale, centre, {i + 1: c for i, c in enumerate(colors)},
-                properties=[{"label-value": i + 1, "class": n} for i, n in enumerate(classes)])
+                properties=[{"label-value": i + 1, "class": n} for i, n in enumerate(classes)], n_levels=1)
     f = cfg.tissue.mask_mpp / slide.mpp
     write_label(group, "tissue", mask.astype("uint8"), (cfg.tissue.mask_mpp,) * 2, ((f - 1) / 2 * slide.mpp,) * 2,
-                {1: (0, 200, 0)}, properties=[{"label-value": 1, "class": "tissue"}])
+                {1: (0, 200, 0)}, properties=[{"label-value": 1, "class": "tissue"}], n_levels=1)
     channels = [{"label": n, "color": hex_color(c), "active": True, "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}}
                 for n, c in zip(classes, colors)]
     extra = {"fingerprint": _fingerprint(slide, loaded.spec, loaded.checksum, cfg), "model": loaded.name,

@@ -131,13 +131,17 @@ def _finish_nuclei_store(group, final, slide, spec, f, fingerprint, loaded, bloc
 
     scale = (spec.mpp,) * 2
     centre = ((f - 1) / 2 * slide.mpp,) * 2
-    write_label(group, "nuclei", da.from_zarr(group["_labels"]), scale, centre, {}, chunks=1024)
+    from .write_zarr import pyramid_levels, write_pyramid
+
+    n_levels = pyramid_levels(group["_labels"].shape)
+    write_pyramid(group, group["0"], n_levels)  # the probability image gets the labels' levels
+    write_label(group, "nuclei", da.from_zarr(group["_labels"]), scale, centre, {}, chunks=1024, n_levels=n_levels)
     del group["_labels"]
     channels = [{"label": "nucleus probability (x255)", "color": "FF00FF", "active": True,
                  "window": {"min": 0, "max": 255, "start": 0, "end": 255}}]
     extra = {"fingerprint": fingerprint, "model": loaded.name, "model_checksum": loaded.checksum, "trained": loaded.trained,
              "seg_mpp": spec.mpp, "slide_mpp": slide.mpp, "blocks_per_s": blocks_per_s}
-    finalize_store(group, final, "nuclei_probability", scale, centre, channels, extra)
+    finalize_store(group, final, "nuclei_probability", scale, centre, channels, extra, n_levels=n_levels)
 
 
 def _write_nuclei_geojson(store, path: Path, sid: str, f: float, block_px: int, mpp: float) -> int:

@@ -28,7 +28,7 @@ from typing import Optional, Sequence
 import numpy as np
 
 __all__ = [
-    "open_partial_store", "done_chunks", "mark_chunk_done", "multiscales_metadata", "write_label",
+    "open_partial_store", "done_chunks", "mark_chunk_done", "multiscales_metadata", "write_label", "write_pyramid", "pyramid_levels",
     "finalize_store", "hex_color", "store_is_complete",
 ]
 
@@ -115,32 +115,43 @@ def multiscales_metadata(name: str, n_levels: int, scale_um: tuple[float, float]
     }
 
 
-def _pyramid_levels(shape_yx: tuple[int, int], min_side: int = 256) -> int:
+def pyramid_levels(shape_yx: tuple[int, int], min_side: int = 256) -> int:
     levels, (h, w) = 1, shape_yx
     while max(h, w) > min_side:
         h, w, levels = (h + 1) // 2, (w + 1) // 2, levels + 1
     return levels
 
 
+def write_pyramid(node, base, n_levels: int, chunks: int = 1024) -> None:
+    """Write levels ``1 .. n_levels-1`` of ``node`` below its level ``0`` (a (c, y, x) dask or
+    zarr array): every other pixel per level, so label values are never mixed."""
+    import dask.array as da
+
+    level = base if isinstance(base, da.Array) else da.from_zarr(base)
+    for i in range(1, n_levels):
+        level = level[:, ::2, ::2]
+        level = level.rechunk((level.shape[0], min(chunks, level.shape[1]), min(chunks, level.shape[2])))
+        target = node.create_array(str(i), shape=level.shape, chunks=level.chunksize, dtype=level.dtype, fill_value=0,
+                                   dimension_names=("c", "y", "x"))
+        da.store(level, target, lock=False)  # dask chunks == zarr chunks: each written once
+
+
 def write_label(group, name: str, data, scale_um, translation_um, colors: dict[int, Sequence[int]],
-                properties: Optional[list] = None, chunks: int = 1024) -> None:
-    """Write label image ``labels/<name>`` (a 2D integer array or dask array) with a pyramid
-    (every other pixel per level: labels are never averaged) and ``image-label`` colours."""
+                properties: Optional[list] = None, chunks: int = 1024, n_levels: Optional[int] = None) -> None:
+    """Write label image ``labels/<name>`` (a 2D integer array or dask array) with ``n_levels``
+    pyramid levels (default: down to 256 px; pass the parent image's count, as NGFF validators
+    expect) and ``image-label`` colours."""
     import dask.array as da
 
     arr = data if isinstance(data, da.Array) else da.from_array(np.asarray(data), chunks=chunks)
     labels = group.require_group("labels")
     node = labels.create_group(name, overwrite=True)
-    n_levels = _pyramid_levels(arr.shape)
-    level = arr
-    for i in range(n_levels):
-        level = level.rechunk((min(chunks, level.shape[0]), min(chunks, level.shape[1])))
-        target = node.create_array(
-            str(i), shape=(1, *level.shape), chunks=(1, *level.chunksize), dtype=level.dtype, fill_value=0,
-            dimension_names=("c", "y", "x"),
-        )
-        da.store(level[None], target, lock=False)  # dask chunks == zarr chunks: each written once
-        level = level[::2, ::2]
+    n_levels = pyramid_levels(arr.shape) if n_levels is None else n_levels
+    level0 = arr.rechunk((min(chunks, arr.shape[0]), min(chunks, arr.shape[1])))[None]
+    target = node.create_array("0", shape=level0.shape, chunks=level0.chunksize, dtype=level0.dtype, fill_value=0,
+                               dimension_names=("c", "y", "x"))
+    da.store(level0, target, lock=False)
+    write_pyramid(node, level0, n_levels, chunks)
     image_label = {
         "colors": [{"label-value": int(v), "rgba": [*map(int, rgb[:3]), 255]} for v, rgb in sorted(colors.items())],
         "source": {"image": "../../"},
@@ -156,11 +167,13 @@ def write_label(group, name: str, data, scale_um, translation_um, colors: dict[i
     labels.attrs["ome"] = {"version": "0.5", "labels": sorted(set(existing) | {name})}
 
 
-def finalize_store(group, final: Path, name: str, scale_um, translation_um, channels: list[dict], extra: dict) -> Path:
-    """Write the root NGFF metadata, drop progress.json, and rename ``.partial`` to ``final``."""
+def finalize_store(group, final: Path, name: str, scale_um, translation_um, channels: list[dict], extra: dict,
+                   n_levels: int = 1) -> Path:
+    """Write the root NGFF metadata (``n_levels`` image levels), drop progress.json, and rename
+    ``.partial`` to ``final``."""
     group.attrs["ome"] = {
         "version": "0.5",
-        "multiscales": [multiscales_metadata(name, 1, scale_um, translation_um)],
+        "multiscales": [multiscales_metadata(name, n_levels, scale_um, translation_um)],
         "omero": {"channels": channels, "rdefs": {"model": "color"}},
     }
     group.attrs["gmrpath"] = extra

@@ -311,3 +311,20 @@ def test_batches_never_span_chunks():
 
     batches = chunk_batches(np.array([0, 0, 0, 1, 1, 2, 2, 2, 2, 2]), 2)
     assert batches == [[0, 1], [2], [3, 4], [5, 6], [7, 8], [9]]
+
+
+def test_store_validates_as_ngff_05_and_opens_with_the_napari_reader(demo_run):
+    """ome-zarr-models checks the NGFF 0.5 schema; ome-zarr-py is what napari-ome-zarr reads with."""
+    from ome_zarr.io import parse_url
+    from ome_zarr.reader import Reader
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    _, _, paths = demo_run
+    group = zarr.open_group(str(paths["classify_zarr"]), mode="r")
+    Image.from_zarr(group)
+    for name in ("classes", "tissue"):
+        ImageLabel.from_zarr(group[f"labels/{name}"])
+    nodes = list(Reader(parse_url(str(paths["classify_zarr"])))())
+    assert nodes[0].metadata["channel_names"][-1] == "TUM"
+    assert {n.metadata.get("name") for n in nodes} >= {"class_probabilities", "classes", "tissue"}

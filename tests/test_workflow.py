@@ -82,6 +82,11 @@ def test_segment_writes_labels_detections_and_resumes_identically(small_slide, t
     assert np.array_equal(np.asarray(other["0"][:]), np.asarray(store["0"][:]))
     assert np.array_equal(np.asarray(other["labels/nuclei/0"][:]), np.asarray(store["labels/nuclei/0"][:]))
     assert again["nuclei_count"] == ref["nuclei_count"]
+    from ome_zarr_models.v05.image import Image
+    from ome_zarr_models.v05.image_label import ImageLabel
+
+    Image.from_zarr(store)
+    ImageLabel.from_zarr(store["labels/nuclei"])
 
 
 def test_snakemake_runs_every_good_slide_and_reports_the_bad_one(tmp_path):
