@@ -27,7 +27,7 @@ import numpy as np
 from .config import ModelSpec, PipelineConfig
 from .read import Slide, SlideError, open_slide, read_mpp_csv, slide_id
 from .tiles import TileDataset, TileGrid, make_grid
-from .tissue import NoTissueError, detect_tissue, render_thumbnail, save_mask_png
+from .tissue import detect_tissue, mask_png_meta, render_thumbnail, save_mask_png
 from .write_geojson import polygon_feature, write_feature_collection
 from .write_overlay import class_colors, write_overlay
 from .write_zarr import (
@@ -75,8 +75,8 @@ def open_configured_slide(path: str | Path, cfg: PipelineConfig) -> Slide:
 
 
 def tissue_stage(slide: Slide, cfg: PipelineConfig, out_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Detect tissue and save the mask PNG, or reuse a mask PNG newer than the slide (written by
-    an earlier tissue stage with the same mask size); returns ``(mask, thumbnail)`` at
+    """Detect tissue and save the mask PNG, or reuse the PNG an earlier tissue stage wrote for the
+    same slide file and tissue settings (recorded in the PNG); returns ``(mask, thumbnail)`` at
     ``cfg.tissue.mask_mpp``."""
     from PIL import Image
 
@@ -84,14 +84,15 @@ def tissue_stage(slide: Slide, cfg: PipelineConfig, out_dir: str | Path) -> tupl
     _ensure_writable(paths["dir"])
     thumb = render_thumbnail(slide, cfg.tissue.mask_mpp)
     png = paths["tissue_png"]
-    if png.is_file() and png.stat().st_mtime >= slide.path.stat().st_mtime:
+    stat = slide.path.stat()
+    meta = {"slide_size": stat.st_size, "slide_mtime": int(stat.st_mtime), "mpp": slide.mpp,
+            "mask_mpp": cfg.tissue.mask_mpp, "min_object_um2": cfg.tissue.min_object_um2}
+    if png.is_file() and mask_png_meta(png) == json_safe(meta):
         mask = np.asarray(Image.open(png)) > 127
         if mask.shape == thumb.shape[:2]:
-            if not mask.any():
-                raise NoTissueError(f"{slide.path}: no tissue found (mask {png})")
             return mask, thumb
     mask = detect_tissue(slide, cfg.tissue.mask_mpp, cfg.tissue.min_object_um2, thumbnail=thumb)
-    save_mask_png(mask, png)
+    save_mask_png(mask, png, meta)
     return mask, thumb
 
 

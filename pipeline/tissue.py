@@ -22,7 +22,7 @@ import numpy as np
 
 from .read import Slide, SlideError, read_region
 
-__all__ = ["NoTissueError", "render_thumbnail", "detect_tissue", "save_mask_png"]
+__all__ = ["NoTissueError", "render_thumbnail", "detect_tissue", "save_mask_png", "mask_png_meta"]
 
 BLOCK_PX = 512  # thumbnail pixels read per block: bounds the memory of a read
 
@@ -74,12 +74,32 @@ def detect_tissue(slide: Slide, mask_mpp: float = 8.0, min_object_um2: float = 5
     return mask
 
 
-def save_mask_png(mask: np.ndarray, path: str | Path) -> Path:
-    """Write a 0/255 PNG atomically."""
+def save_mask_png(mask: np.ndarray, path: str | Path, meta: dict | None = None) -> Path:
+    """Write a 0/255 PNG atomically; ``meta`` goes into a ``gmrpath`` text chunk (see :func:`mask_png_meta`)."""
+    import json
+
     from PIL import Image
+    from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # unique: parallel stages may write it
-    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp)
+    info = PngInfo()
+    if meta is not None:
+        info.add_text("gmrpath", json.dumps(meta, sort_keys=True))
+    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, pnginfo=info)
     tmp.replace(path)
     return path
+
+
+def mask_png_meta(path: str | Path) -> dict | None:
+    """The ``meta`` a mask PNG was saved with, or None."""
+    import json
+
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            text = im.text.get("gmrpath")
+        return json.loads(text) if text else None
+    except (OSError, ValueError):
+        return None

@@ -328,3 +328,22 @@ def test_store_validates_as_ngff_05_and_opens_with_the_napari_reader(demo_run):
     nodes = list(Reader(parse_url(str(paths["classify_zarr"])))())
     assert nodes[0].metadata["channel_names"][-1] == "TUM"
     assert {n.metadata.get("name") for n in nodes} >= {"class_probabilities", "classes", "tissue"}
+
+
+def test_tissue_mask_is_reused_only_for_the_same_settings(tmp_path):
+    from pipeline.predict import open_configured_slide, tissue_stage
+    from pipeline.tissue import mask_png_meta
+
+    cfg = _cfg(tmp_path)
+    slide = open_configured_slide(DEMO, cfg)
+    mask, _ = tissue_stage(slide, cfg, cfg.out)
+    png = slide_outputs(cfg.out, "CMU-1-Small-Region")["tissue_png"]
+    assert mask_png_meta(png)["min_object_um2"] == cfg.tissue.min_object_um2
+    stamp = png.stat().st_mtime_ns
+    tissue_stage(slide, cfg, cfg.out)
+    assert png.stat().st_mtime_ns == stamp  # reused
+    import dataclasses
+
+    bigger = dataclasses.replace(cfg, tissue=dataclasses.replace(cfg.tissue, min_object_um2=50000.0))
+    mask2, _ = tissue_stage(slide, bigger, cfg.out)
+    assert png.stat().st_mtime_ns != stamp and mask2.sum() <= mask.sum()
