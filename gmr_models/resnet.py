@@ -19,7 +19,7 @@ from typing import Sequence
 
 from torch import Tensor, nn
 
-from .blocks import ConvNormAct, check_kernel_sizes, conv_layer
+from .blocks import ConvNormAct, check_kernel_sizes
 from .layers import layer_type
 from .layers.factories import check_spatial_dims
 from .registry import register_model

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import math
 import os
 import time

@@ -6,7 +6,6 @@ per bad input."""
 from __future__ import annotations
 
 import json
-import shutil
 import uuid
 from pathlib import Path
 
