@@ -17,7 +17,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-os.environ.setdefault("KINETO_LOG_LEVEL", "5")  # the profiler's own chatter on stderr
+os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the profiler's USDT chatter on stderr
 
 app = typer.Typer(
     help="GMR-Path: rotation-robust whole-slide histopathology with GMR convolutions.",

@@ -1,0 +1,34 @@
+"""The benchmark commands run end to end on tiny settings and write what they promise (the numbers
+themselves are reports, never asserted as timings)."""
+
+from __future__ import annotations
+
+import json
+
+from typer.testing import CliRunner
+
+from pipeline.cli import app
+
+
+def test_benchmark_conv_writes_ratios_for_every_candidate(tmp_path):
+    out = tmp_path / "conv.json"
+    result = CliRunner().invoke(app, ["benchmark", "conv", "--kernel-sizes", "3,5", "--shape", "1,4,16,16", "--out-channels", "4",
+                                      "--repeats", "1", "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert [r["k"] for r in data["rows"]] == [3, 5]
+    for row in data["rows"]:
+        assert {"conv", "gmr_dense", "gmr_rings", "gmr_auto"} <= set(row["forward_ms"])
+        assert row["auto_choice_forward"] in ("dense", "rings") and row["train_peak_mb"]["conv"] > 0
+    assert "auto / best GMR path" in result.output
+
+
+def test_benchmark_equivariance_writes_json_and_png(tmp_path):
+    result = CliRunner().invoke(app, ["benchmark", "equivariance", "--kernel-sizes", "5", "--step", "45", "--seeds", "1",
+                                      "--out-dir", str(tmp_path)])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "benchmark_equivariance.json").read_text())
+    assert data["angles"] == [0, 45, 90]
+    curves = data["curves"]
+    assert curves["gmr_radius"]["5"][2] < 1e-6 < curves["dense"]["5"][2]  # 90 degrees: exact for GMR only
+    assert (tmp_path / "benchmark_equivariance.png").stat().st_size > 1000
