@@ -10,6 +10,9 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SHARED_DATA = Path(os.environ.get("GMR_SHARED_DATA", REPO.parent / "shared" / "data"))
+# the real demo slide: from ../shared/data when it is there (CI, developers), else the copy that ships
+_SHARED_DEMO = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
+DEMO_SLIDE = _SHARED_DEMO if _SHARED_DEMO.is_file() else REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
 
 # 2 cores: keep torch from oversubscribing when pytest-xdist is not used
 torch.set_num_threads(min(2, torch.get_num_threads()))

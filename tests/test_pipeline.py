@@ -16,7 +16,7 @@ import zarr
 from typer.testing import CliRunner
 
 from benchmarks.synthetic import read_demo_tissue, write_pyramidal_tiff
-from conftest import REPO, SHARED_DATA
+from conftest import DEMO_SLIDE, REPO
 from pipeline.cli import app
 from pipeline.config import ConfigError, ModelSpec, config_from_dict, load_config
 from pipeline.models import ModelError, load_model, save_checkpoint
@@ -25,7 +25,7 @@ from pipeline.read import SlideError, open_slide, read_mpp_csv, read_region
 from pipeline.tiles import make_grid
 from pipeline.tissue import NoTissueError, detect_tissue
 
-DEMO = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
+DEMO = DEMO_SLIDE
 TINY = {"base_channels": 4, "kernel_sizes": [5, 5, 3, 3]}
 
 
@@ -76,12 +76,11 @@ def test_bad_config_is_one_clear_error(tmp_path, data, match):
 
 
 # ---------------------------------------------------------------- read
-def test_demo_slide_mpp_and_shared_copy_agree():
+def test_demo_slide_mpp_and_bundled_copy_agree():
     slide = open_slide(DEMO)
     assert slide.mpp == pytest.approx(0.499) and slide.mpp_source == "openslide.mpp-x/y"
-    shared = SHARED_DATA / "slides" / "CMU-1-Small-Region.svs"
-    if shared.is_file():  # the bundled copy is the real slide from ../shared
-        assert shared.read_bytes() == DEMO.read_bytes()
+    bundled = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
+    assert bundled.read_bytes() == DEMO.read_bytes()  # the demo that ships is the real slide
 
 
 def test_pyramid_is_read_from_the_nearest_finer_level(tmp_path, tissue_rgb):

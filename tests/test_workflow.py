@@ -15,13 +15,13 @@ import yaml
 import zarr
 
 from benchmarks.synthetic import read_demo_tissue, write_pyramidal_tiff
-from conftest import REPO
+from conftest import DEMO_SLIDE, REPO
 from pipeline.config import config_from_dict
 from pipeline.predict import slide_outputs
 from pipeline.report import write_cohort
 from pipeline.segment import segment_slide
 
-DEMO = REPO / "data" / "demo" / "CMU-1-Small-Region.svs"
+DEMO = DEMO_SLIDE
 TINY_UNET = {"base_channels": 4, "kernel_sizes": [3, 3, 3]}
 
 
