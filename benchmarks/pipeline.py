@@ -10,8 +10,9 @@ Measured in one run, on the same slide and tiles:
 * ``memory``: peak resident memory of ``classify_slide`` (a fresh process each, counted from
   after the imports) on mosaics of the real tissue 1x, 4x and 16x the area.
 
-Example:
-    >>> result = run_pipeline_benchmark("data/demo/CMU-1-Small-Region.svs", repeats=1)  # doctest: +SKIP
+Example::
+
+    result = run_pipeline_benchmark("data/demo/CMU-1-Small-Region.svs", repeats=1)
 """
 
 from __future__ import annotations

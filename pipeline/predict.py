@@ -6,10 +6,11 @@ heatmap is written chunk by chunk into a ``.partial`` OME-Zarr store whose ``pro
 records finished chunks, so a killed run resumes where it stopped; the store is renamed to
 its final name only when complete, and the GeoJSON, overlay and summary follow from it.
 
-Example:
-    >>> from pipeline.config import load_config
-    >>> cfg = load_config("configs/default.yaml")
-    >>> summary = classify_slide("data/demo/CMU-1-Small-Region.svs", cfg, "results/doc")  # doctest: +SKIP
+Example::
+
+    from pipeline.config import load_config
+    cfg = load_config("configs/default.yaml")
+    summary = classify_slide("data/demo/CMU-1-Small-Region.svs", cfg, "results/doc")
 """
 
 from __future__ import annotations

@@ -1,8 +1,9 @@
 """Write: the cohort table (CSV) and an HTML report, one row per slide, from per-slide summaries.
 
-Example:
-    >>> rows = collect_summaries("results/demo")  # doctest: +SKIP
-    >>> write_cohort("results/demo")  # doctest: +SKIP
+Example::
+
+    rows = collect_summaries("results/demo")
+    csv_path, html_path = write_cohort("results/demo")
 """
 
 from __future__ import annotations

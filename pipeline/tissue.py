@@ -8,7 +8,7 @@ Example:
     >>> from pipeline.read import open_slide
     >>> slide = open_slide("data/demo/CMU-1-Small-Region.svs")
     >>> mask = detect_tissue(slide, mask_mpp=8.0)
-    >>> mask.dtype, 0 < mask.mean() < 1
+    >>> mask.dtype, bool(0 < mask.mean() < 1)
     (dtype('bool'), True)
 """
 
