@@ -141,3 +141,50 @@ def summary_rows(result: dict) -> list[dict]:
             entry[f"{tag}_auto_vs_best"] = times["gmr_auto"] / best
         out.append(entry)
     return out
+
+
+def run_network_benchmark(model: str = "gmr_resnet18", shape=(16, 3, 224, 224), device: str | torch.device = "cpu",
+                          repeats: int = 3, **model_kwargs) -> dict:
+    """Inference time of a whole registered network with every GMRConv forced to ``auto``,
+    ``rings`` or ``dense`` (interleaved rounds, best of ``repeats``): checks the cost model where
+    it matters, on real layer shapes.
+
+    Returns:
+        ``{"model", "shape", "device", "ms": {impl: ms}, "auto_choices": {"Cin->Cout kK": impl}}``.
+    """
+    from gmr_models import create_model
+
+    device = torch.device(device)
+    x = torch.randn(tuple(shape), device=device)
+    if x.dim() == 4:
+        x = x.contiguous(memory_format=torch.channels_last)
+    nets = {}
+    for impl in ("auto", "rings", "dense"):
+        torch.manual_seed(0)
+        net = create_model(model, spatial_dims=len(shape) - 2, in_channels=shape[1], **model_kwargs).to(device).eval()
+        if x.dim() == 4:
+            net = net.to(memory_format=torch.channels_last)
+        for m in net.modules():
+            if isinstance(m, GMRConv):
+                m.impl = impl
+        nets[impl] = net
+    choices: dict[str, str] = {}
+
+    def record(module, inputs, output):
+        choices[f"{module.in_channels}->{module.out_channels} k{module.kernel_size}"] = module.choose_impl(inputs[0])
+
+    hooks = [m.register_forward_hook(record) for m in nets["auto"].modules() if isinstance(m, GMRConv)]
+    with torch.no_grad():
+        nets["auto"](x)
+    for h in hooks:
+        h.remove()
+
+    def run(net):
+        def f():
+            with torch.no_grad():
+                net(x)
+        return f
+
+    ms = interleaved_best_ms({k: run(n) for k, n in nets.items()}, device, repeats, warmup=1)
+    return {"benchmark": "network", "model": model, "model_kwargs": model_kwargs, "shape": list(shape),
+            "device": device_name(device), "ms": ms, "auto_choices": choices}

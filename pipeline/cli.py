@@ -284,6 +284,32 @@ def bench_conv(
     console.print(f"speed-up = torch conv time / candidate time; wrote {write_json(out, result)}")
 
 
+@bench_app.command("network")
+def bench_network(
+    model: str = typer.Option("gmr_resnet18", help="Registered model name."),
+    shape: str = typer.Option("16,3,224,224", help="Input shape N,C,H,W (or N,C,D,H,W)."),
+    base_channels: int = typer.Option(32, help="base_channels of the model."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N."),
+    repeats: int = typer.Option(3, min=1, help="Timed rounds; the best is reported."),
+    out: Path = typer.Option(Path("results/benchmark_network.json"), help="Where to write the JSON results."),
+) -> None:
+    """Whole-network inference with every GMRConv on auto, rings or dense: checks impl="auto" on real layers."""
+    from benchmarks.common import write_json
+    from benchmarks.conv import run_network_benchmark
+    from pipeline.runtime import resolve_device
+
+    with console.status("benchmarking"):
+        result = run_network_benchmark(model, _ints(shape, "shape"), resolve_device(device), repeats, base_channels=base_channels)
+    table = Table(title=f"{model} (base {base_channels}) on {result['shape']}, {result['device']}")
+    for col in ("impl", "ms per batch", "vs auto"):
+        table.add_column(col, justify="right")
+    for impl, ms in result["ms"].items():
+        table.add_row(impl, f"{ms:.1f}", f"{ms / result['ms']['auto']:.2f}")
+    Console(width=160).print(table)
+    console.print("auto's choices: " + ", ".join(f"{k}: {v}" for k, v in result["auto_choices"].items()))
+    console.print(f"wrote {write_json(out, result)}")
+
+
 @bench_app.command("equivariance")
 def bench_equivariance(
     kernel_sizes: str = typer.Option("3,5,7,9,11", help="Comma-separated odd kernel sizes."),

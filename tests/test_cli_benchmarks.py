@@ -32,3 +32,13 @@ def test_benchmark_equivariance_writes_json_and_png(tmp_path):
     curves = data["curves"]
     assert curves["gmr_radius"]["5"][2] < 1e-6 < curves["dense"]["5"][2]  # 90 degrees: exact for GMR only
     assert (tmp_path / "benchmark_equivariance.png").stat().st_size > 1000
+
+
+def test_benchmark_network_times_every_impl_and_lists_auto_choices(tmp_path):
+    out = tmp_path / "net.json"
+    result = CliRunner().invoke(app, ["benchmark", "network", "--shape", "2,3,32,32", "--base-channels", "4", "--repeats", "1",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert set(data["ms"]) == {"auto", "rings", "dense"}
+    assert "3->4 k9" in data["auto_choices"] and set(data["auto_choices"].values()) <= {"rings", "dense"}

@@ -53,11 +53,12 @@ AREA_SUPERSAMPLE = 4  # samples per pixel and axis for profile="area"
 
 # Cost of one multiply-add of a depthwise (ring-stage) convolution relative to one of a dense
 # convolution, per device type and (inference, training). Read off `gmrpath benchmark conv` on a
-# 2-core x86 CPU, and checked on whole networks: gmr_resnet18 (base 32, 16 x 224^2 tiles) runs in
-# 1.60 s with every layer on rings, 2.54 s all dense, and 1.74 s when a larger memory-traffic term
-# made auto send the 32-channel 9x9 layers to dense, so no such term. At k=3, 128 channels, the two
-# paths tie within +-15% from process to process. The CUDA values are a prior (cuDNN's dense
-# kernels are far more efficient than its depthwise ones) until measured on a GPU.
+# 2-core x86 CPU and checked on whole networks with `gmrpath benchmark network` (gmr_resnet18,
+# base 32, 16 x 224^2 tiles: auto, which puts every layer on rings, 1.59 s; all dense 2.92 s).
+# An extra memory-traffic term that sent k=3 to dense also sent the 32-channel 9x9 layers to dense
+# and cost the network 8% (1.74 s vs 1.60 s in an ad-hoc run), so there is none: at k=3 with 128
+# channels the two paths tie within +-15% from process to process. The CUDA values are a prior
+# (cuDNN's dense kernels are far more efficient than its depthwise ones) until measured on a GPU.
 DEPTHWISE_COST = {"cpu": (4.0, 6.0), "cuda": (12.0, 12.0)}
 
 
