@@ -104,6 +104,20 @@ def _run_overrides(cfg, device, batch_size, num_workers, tta):
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **run))
 
 
+def _task_config(task: str, preset: str, config, mpp, model, device, batch_size, num_workers, tta):
+    """The config for one CLI task (``classify`` or ``segment``) with the command's overrides;
+    a config that leaves the task out gets the ``preset``."""
+    import dataclasses
+
+    from pipeline.config import PRESETS, ModelSpec
+
+    cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
+    spec = getattr(cfg, task) or ModelSpec(**PRESETS[preset])
+    if model is not None:
+        spec = dataclasses.replace(spec, model=model)
+    return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
+
+
 @app.command("tissue")
 def tissue_cmd(
     slide: Path = typer.Argument(..., help="The slide file."),
@@ -138,17 +152,12 @@ def predict_cmd(
     tta: Optional[str] = TtaOpt,
 ) -> None:
     """Classify the tissue tiles of one slide: OME-Zarr heatmap, GeoJSON, overlay PNG, summary."""
-    import dataclasses
     import json
 
-    from pipeline.config import PRESETS, ModelSpec
     from pipeline.predict import classify_slide
 
     try:
-        cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
-        spec = cfg.classify or ModelSpec(**PRESETS["nct_crc"])
-        cfg = dataclasses.replace(cfg, classify=spec if model is None else dataclasses.replace(spec, model=model))
-        cfg = _run_overrides(cfg, device, batch_size, num_workers, tta)
+        cfg = _task_config("classify", "nct_crc", config, mpp, model, device, batch_size, num_workers, tta)
         bar, update = _progress(f"classify {slide.name}")
         with bar:
             summary = classify_slide(slide, cfg, out, progress=update)
@@ -170,18 +179,12 @@ def segment_cmd(
     block_px: int = typer.Option(1024, min=64, help="Side of the blocks segmented and written at a time (pixels at the model's mpp)."),
 ) -> None:
     """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary."""
-    import dataclasses
     import json
 
-    from pipeline.config import PRESETS, ModelSpec
     from pipeline.segment import segment_slide
 
     try:
-        cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
-        seg = cfg.segment or ModelSpec(**{k: v for k, v in PRESETS["nuclei"].items()})
-        if model is not None:
-            seg = dataclasses.replace(seg, model=model)
-        cfg = _run_overrides(dataclasses.replace(cfg, segment=seg), device, batch_size, None, tta)
+        cfg = _task_config("segment", "nuclei", config, mpp, model, device, batch_size, None, tta)
         bar, update = _progress(f"nuclei {slide.name}", unit="blocks")
         with bar:
             summary = segment_slide(slide, cfg, out, progress=update, block_px=block_px)

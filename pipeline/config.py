@@ -35,6 +35,11 @@ PRESETS: dict[str, dict[str, Any]] = {
 }
 
 
+def is_checkpoint_path(model: str) -> bool:
+    """A ``model`` value names a checkpoint file (``.pt`` or a path), not a registry entry."""
+    return model.endswith(".pt") or "/" in model or "\\" in model
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """One model and the tiles it sees.
@@ -222,7 +227,7 @@ def config_from_dict(data: dict, source: str = "<dict>", base: Path | None = Non
     cfg = dataclasses.replace(cfg, slides=resolve(cfg.slides), out=resolve(cfg.out), mpp_csv=resolve(cfg.mpp_csv))
     for name in ("classify", "segment"):
         spec = getattr(cfg, name)
-        if spec is not None and (spec.model.endswith(".pt") or "/" in spec.model):
+        if spec is not None and is_checkpoint_path(spec.model):
             cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(spec, model=resolve(spec.model))})
     if not Path(cfg.slides).exists():
         raise ConfigError(f"{source}: slides path {cfg.slides} does not exist")

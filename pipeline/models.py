@@ -13,7 +13,6 @@ Example:
 from __future__ import annotations
 
 import hashlib
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from torch import nn
 
 from gmr_models import create_model
 
-from .config import ModelSpec
+from .config import ModelSpec, is_checkpoint_path
 
 __all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "CHECKPOINT_FORMAT"]
 
@@ -67,7 +66,7 @@ def load_model(spec: ModelSpec) -> LoadedModel:
         ModelError: unknown name, missing or unreadable checkpoint, or a checkpoint whose
             classes disagree with the spec.
     """
-    if spec.model.endswith(".pt") or os.sep in spec.model:
+    if is_checkpoint_path(spec.model):
         return _load_checkpoint(Path(spec.model), spec)
     torch.manual_seed(spec.seed)
     try:

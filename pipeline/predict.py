@@ -31,10 +31,10 @@ from .tissue import detect_tissue, mask_png_meta, render_thumbnail, save_mask_pn
 from .write_geojson import polygon_feature, write_feature_collection
 from .write_overlay import class_colors, write_overlay
 from .write_zarr import (
-    done_chunks, finalize_store, hex_color, mark_chunk_done, open_partial_store, store_is_complete, write_label,
+    done_chunks, finalize_store, hex_color, mark_chunk_done, open_partial_store, store_matches, stored_attrs, write_label,
 )
 
-__all__ = ["OutputError", "open_configured_slide", "tissue_stage", "classify_slide", "slide_outputs"]
+__all__ = ["OutputError", "open_configured_slide", "tissue_stage", "classify_slide", "slide_outputs", "run_fingerprint"]
 
 Progress = Optional[Callable[[int, int], None]]  # (tiles done in this call, tiles to do)
 
@@ -96,7 +96,8 @@ def tissue_stage(slide: Slide, cfg: PipelineConfig, out_dir: str | Path) -> tupl
     return mask, thumb
 
 
-def _fingerprint(slide: Slide, spec: ModelSpec, checksum: str, cfg: PipelineConfig) -> dict:
+def run_fingerprint(slide: Slide, spec: ModelSpec, checksum: str, cfg: PipelineConfig) -> dict:
+    """What must be unchanged for a stored result to be reused or a partial one resumed."""
     stat = slide.path.stat()
     return json_safe({
         "slide": str(slide.path.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime), "mpp": slide.mpp,
@@ -148,9 +149,9 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
         raise SlideError(f"{slide.path}: no tile has {cfg.tissue.min_tissue_fraction:.0%} tissue at {spec.tile_px} px, {spec.mpp} mpp")
     classes, n_cls = list(spec.classes), len(spec.classes)
     final = paths["classify_zarr"]
-    fingerprint = _fingerprint(slide, spec, loaded.checksum, cfg)
+    fingerprint = run_fingerprint(slide, spec, loaded.checksum, cfg)
     tiles_per_s = None
-    if not (store_is_complete(final) and _stored_fingerprint(final) == fingerprint):
+    if not store_matches(final, fingerprint):
         group, _ = open_partial_store(final, fingerprint)
         if "0" not in group:
             group.create_array("0", shape=(n_cls, grid.n_rows, grid.n_cols), chunks=(n_cls, chunk, chunk),
@@ -186,9 +187,9 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
                 progress(done, len(todo))
         if todo.size:
             tiles_per_s = round(len(todo) / (time.perf_counter() - t0), 2)
-        _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded, tiles_per_s)
+        _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded, tiles_per_s, fingerprint)
     else:
-        tiles_per_s = _stored_attrs(final).get("tiles_per_s")
+        tiles_per_s = stored_attrs(final).get("tiles_per_s")
     summary = _classify_outputs(slide, grid, mask, thumb, cfg, classes, loaded, paths, dev)
     summary["run_time_s"] = round(time.perf_counter() - start, 2)
     summary["tiles_per_s"] = tiles_per_s
@@ -199,20 +200,7 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
     return summary
 
 
-def _stored_attrs(final: Path) -> dict:
-    import zarr
-
-    try:
-        return dict(zarr.open_group(str(final), mode="r").attrs.get("gmrpath", {}))
-    except Exception:  # noqa: BLE001 - an unreadable store is redone
-        return {}
-
-
-def _stored_fingerprint(final: Path) -> Optional[dict]:
-    return _stored_attrs(final).get("fingerprint")
-
-
-def _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded, tiles_per_s) -> None:
+def _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded, tiles_per_s, fingerprint) -> None:
     import dask.array as da
 
     colors = class_colors(classes)
@@ -227,7 +215,7 @@ def _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded
                 {1: (0, 200, 0)}, properties=[{"label-value": 1, "class": "tissue"}], n_levels=1)
     channels = [{"label": n, "color": hex_color(c), "active": True, "window": {"min": 0.0, "max": 1.0, "start": 0.0, "end": 1.0}}
                 for n, c in zip(classes, colors)]
-    extra = {"fingerprint": _fingerprint(slide, loaded.spec, loaded.checksum, cfg), "model": loaded.name,
+    extra = {"fingerprint": fingerprint, "model": loaded.name,
              "model_checksum": loaded.checksum, "trained": loaded.trained, "classes": classes,
              "tile_px": grid.tile_px, "tile_mpp": grid.mpp, "slide_mpp": slide.mpp, "tiles_per_s": tiles_per_s}
     finalize_store(group, final, "class_probabilities", scale, centre, channels, extra)

@@ -23,10 +23,10 @@ from typing import Optional
 
 import numpy as np
 
-from .predict import OutputError, Progress, _fingerprint, _stored_attrs, json_safe, open_configured_slide, slide_outputs, tissue_stage
+from .predict import OutputError, Progress, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
 from .read import read_region, slide_id
 from .write_geojson import polygon_feature, write_feature_collection
-from .write_zarr import done_chunks, finalize_store, mark_chunk_done, open_partial_store, store_is_complete, write_label
+from .write_zarr import done_chunks, finalize_store, mark_chunk_done, open_partial_store, store_matches, stored_attrs, write_label
 
 __all__ = ["segment_slide", "BLOCK_STRIDE_LABELS"]
 
@@ -67,9 +67,9 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     blocks = [(by, bx) for by in range(n_by) for bx in range(n_bx)
               if mask[int(by * block_px / m): math.ceil((by + 1) * block_px / m), int(bx * block_px / m): math.ceil((bx + 1) * block_px / m)].any()]
     final = paths["nuclei_zarr"]
-    fingerprint = json_safe({**_fingerprint(slide, spec, loaded.checksum, cfg), "block_px": block_px, "threshold": threshold})
+    fingerprint = json_safe({**run_fingerprint(slide, spec, loaded.checksum, cfg), "block_px": block_px, "threshold": threshold})
     blocks_per_s = None
-    if not (store_is_complete(final) and _stored_attrs(final).get("fingerprint") == fingerprint):
+    if not store_matches(final, fingerprint):
         group, _ = open_partial_store(final, fingerprint)
         if "0" not in group:
             group.create_array("0", shape=(1, height, width), chunks=(1, block_px, block_px), dtype="uint8", fill_value=0,
@@ -101,7 +101,7 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
             blocks_per_s = round(len(todo) / (time.perf_counter() - t0), 3)
         _finish_nuclei_store(group, final, slide, spec, f, fingerprint, loaded, blocks_per_s)
     else:
-        blocks_per_s = _stored_attrs(final).get("blocks_per_s")
+        blocks_per_s = stored_attrs(final).get("blocks_per_s")
     store = zarr.open_group(str(final), mode="r")
     n_features = _write_nuclei_geojson(store, paths["nuclei_geojson"], sid, f, block_px, spec.mpp)
     tissue_mm2 = float(mask.sum()) * cfg.tissue.mask_mpp**2 / 1e6

@@ -29,7 +29,7 @@ import numpy as np
 
 __all__ = [
     "open_partial_store", "done_chunks", "mark_chunk_done", "multiscales_metadata", "write_label", "write_pyramid", "pyramid_levels",
-    "finalize_store", "hex_color", "store_is_complete",
+    "finalize_store", "hex_color", "store_is_complete", "store_matches", "stored_attrs",
 ]
 
 PROGRESS = "progress.json"
@@ -48,6 +48,21 @@ def partial_path(final: Path) -> Path:
 def store_is_complete(final: Path) -> bool:
     """A store is complete when it exists under its final name (it is renamed only when done)."""
     return (Path(final) / "zarr.json").is_file()
+
+
+def stored_attrs(final: Path) -> dict:
+    """The ``gmrpath`` attributes of a complete store ({} when missing or unreadable)."""
+    import zarr
+
+    try:
+        return dict(zarr.open_group(str(final), mode="r").attrs.get("gmrpath", {}))
+    except Exception:  # noqa: BLE001 - an unreadable store is simply redone
+        return {}
+
+
+def store_matches(final: Path, fingerprint: dict) -> bool:
+    """True when ``final`` is complete and was written by a run with this ``fingerprint``."""
+    return store_is_complete(final) and stored_attrs(final).get("fingerprint") == fingerprint
 
 
 def open_partial_store(final: Path, fingerprint: dict):
