@@ -87,6 +87,20 @@ class UNet(nn.Module):
             self.reduce.append(conv1x1(widths[level + 1], widths[level], 1))
             self.up.append(_DoubleConv(conv_type, spatial_dims, 2 * widths[level], widths[level], kernel_sizes[level], norm))
         self.head = conv1x1(widths[0], out_channels, 1)
+        self.kernel_sizes = tuple(kernel_sizes)
+
+    @property
+    def receptive_radius_px(self) -> int:
+        """How far (input pixels) an output pixel can see: every k x k conv at level ``l`` adds
+        ``(k - 1) / 2 * 2**l``, every pooling and upsampling step ``2**l``. A region segmented with
+        a margin this wide gives the same values in its interior as the whole image would."""
+        r = 0
+        for level, k in enumerate(self.kernel_sizes):
+            twice = 2 if level == self.levels - 1 else 4  # two convs down, two more up (not at the bottom)
+            r += twice * (k - 1) // 2 * 2**level
+            if level < self.levels - 1:
+                r += 2 * 2**level
+        return r
 
     def forward(self, x: Tensor) -> Tensor:
         factor = 2 ** (self.levels - 1)

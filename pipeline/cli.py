@@ -382,6 +382,73 @@ def bench_pipeline(
     console.print(f"wrote {write_json(out, result)}")
 
 
+@bench_app.command("segment")
+def bench_segment(
+    slide: Path = typer.Argument(Path("data/demo/CMU-1-Small-Region.svs"), help="The slide to measure on."),
+    model: list[str] = typer.Option([], "--model", "-m", help="Candidates (checkpoints or names); default: the nuclei preset's."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N."),
+    repeats: int = typer.Option(2, min=1, help="Forward passes per candidate; the best is reported."),
+    block_px: int = typer.Option(1024, min=64, help="Block side at the model's mpp."),
+    end_to_end: bool = typer.Option(True, help="Also time segment_slide on the whole slide."),
+    out: Path = typer.Option(Path("results/benchmark_segment.json"), help="Where to write the JSON results."),
+) -> None:
+    """Nuclei segmentation: Mpx/s of the model alone per candidate, and the whole slide end to end."""
+    from benchmarks.common import write_json
+    from benchmarks.segment import run_segment_benchmark
+
+    try:
+        with console.status("benchmarking segmentation") as status:
+            result = run_segment_benchmark(slide, model or None, device, repeats, block_px, end_to_end, progress=status.update)
+    except ValueError as err:
+        _fail(err)
+    table = Table(title=f"nuclei segmentation, {result['device']}, blocks of {block_px} px")
+    for col in ("model", "margin px", "ms per block", "Mpx/s"):
+        table.add_column(col)
+    for name, r in result["model_alone"].items():
+        table.add_row(name, str(r["margin_px"]), f"{r['block_ms']:.0f}", f"{r['megapixels_per_s']:.3f}")
+    Console(width=160).print(table)
+    if "end_to_end" in result:
+        e = result["end_to_end"]
+        console.print(f"segment_slide {slide.name} with {e['model']}: {e['wall_s']:.1f} s, {e['blocks']} blocks, "
+                      f"{e['megapixels_per_s']:.3f} Mpx/s, {e['nuclei']} nuclei")
+    console.print(f"wrote {write_json(out, result)}")
+
+
+@bench_app.command("train")
+def bench_train(
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N."),
+    repeats: int = typer.Option(3, min=1, help="Interleaved rounds; the best is reported."),
+    workers: int = typer.Option(1, min=0, help="DataLoader workers for the loader-alone rate."),
+    memory: bool = typer.Option(True, help="Also measure peak memory of a step."),
+    out: Path = typer.Option(Path("results/benchmark_train.json"), help="Where to write the JSON results."),
+) -> None:
+    """Training step images/s and peak memory, GMR vs ordinary convolutions, and the data loader alone."""
+    from benchmarks.common import write_json
+    from benchmarks.training import run_training_benchmark
+
+    with console.status("benchmarking training") as status:
+        result = run_training_benchmark(device, repeats, workers, memory, progress=status.update)
+    table = Table(title=f"training step, {result['device']}, best of {repeats}")
+    for col in ("task", "model", "images/s", "step ms", "peak MiB", "loader alone images/s"):
+        table.add_column(col)
+    for task, pair in result["pairs"].items():
+        for name, r in pair["models"].items():
+            if isinstance(r, dict):
+                table.add_row(task, name, f"{r['images_per_s']:.2f}", f"{r['step_ms']:.0f}", str(r.get("peak_memory_mib", "")),
+                              str(result["loader_images_per_s"][task]))
+    Console(width=160).print(table)
+    console.print(f"wrote {write_json(out, result)}")
+
+
+def _register_training() -> None:
+    from training.cli import add_commands  # light: the training stack is imported by the commands themselves
+
+    add_commands(app, console, _fail)
+
+
+_register_training()
+
+
 def main() -> None:  # pragma: no cover
     app()
 

@@ -27,11 +27,16 @@ class ConfigError(ValueError):
 
 NCT_CRC_CLASSES = ["ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM"]
 
+#: Trained weights that ship with the repository (see models/README.md for their model cards).
+MODELS_DIR = Path(__file__).resolve().parents[1] / "models"
+NUCLEI_MODEL = MODELS_DIR / "nuclei_gmr_unet.pt"
+
 #: Task presets: what each model expects (classes, tile size and resolution).
 PRESETS: dict[str, dict[str, Any]] = {
     "nct_crc": dict(task="classify", model="gmr_resnet18", classes=NCT_CRC_CLASSES, tile_px=224, mpp=0.5),
     "pcam": dict(task="classify", model="gmr_resnet18", classes=["normal", "tumour"], tile_px=96, mpp=0.972),
-    "nuclei": dict(task="segment", model="gmr_unet", classes=["nucleus"], tile_px=256, mpp=0.5, overlap_px=32),
+    # the GMR U-Net trained on MoNuSeg 2018 (CC BY-NC-SA 4.0: see models/nuclei_gmr_unet.md)
+    "nuclei": dict(task="segment", model=str(NUCLEI_MODEL), classes=["nucleus"], tile_px=128, mpp=0.5, overlap_px=32),
 }
 
 
@@ -53,7 +58,8 @@ class ModelSpec:
         tile_px: tile side in pixels at ``mpp``.
         mpp: resolution the model works at, micrometres per pixel.
         stride_px: classify: grid step in pixels at ``mpp`` (default ``tile_px``: no overlap).
-        overlap_px: segment: overlap between neighbouring patches, pixels at ``mpp``.
+        overlap_px: segment: the least margin read around each block, pixels at ``mpp`` (the
+            network's receptive radius is used when it is larger).
         seed: seed for the random initialisation of an untrained model (reproducible demo runs).
     """
 

@@ -26,7 +26,7 @@ from gmr_models.symmetry import apply_symmetry, grid_symmetries, invert_symmetry
 
 from .models import LoadedModel
 
-__all__ = ["prepare_model", "to_model_input", "predict_batch", "chunk_batches", "iterate_predictions", "segment_logits"]
+__all__ = ["prepare_model", "to_model_input", "predict_batch", "chunk_batches", "iterate_predictions", "segment_maps"]
 
 
 def prepare_model(loaded: LoadedModel, device: torch.device) -> LoadedModel:
@@ -64,26 +64,34 @@ def predict_batch(loaded: LoadedModel, tiles: torch.Tensor, device: torch.device
     return probs.cpu()
 
 
-def segment_logits(loaded: LoadedModel, image: torch.Tensor, device: torch.device, patch_px: int, overlap_px: int,
-                   batch_size: int, tta: str = "none", amp: bool = True) -> torch.Tensor:
-    """Foreground probability of one region by sliding-window inference with Gaussian blending.
+def segment_maps(module: torch.nn.Module, image: np.ndarray | torch.Tensor, mean, std, device: torch.device,
+                 multiple: int = 8, amp: bool = True, tta: str = "none") -> np.ndarray:
+    """A segmentation network's sigmoid output maps for a whole region in one forward pass.
+
+    The network is fully convolutional, so the region (a slide block with its margin, or a
+    small image) is reflect-padded to a multiple of ``multiple`` (evenly on both sides where
+    the padding is even, so a GMR network's maps turn exactly with the image) and run at
+    once: no overlapping patches, no blending, no seams inside the region.
 
     Shape:
-        ``(H, W, 3)`` uint8 -> ``(H, W)`` float32 on CPU (H, W at least ``patch_px``).
+        ``(H, W, 3)`` uint8 -> ``(C, H, W)`` float32 numpy.
     """
-    from monai.inferers import sliding_window_inference
-
-    x = to_model_input(image[None], loaded, device)
+    img = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) and not image.flags.writeable else torch.as_tensor(image)
+    h, w = img.shape[:2]
+    x = img.to(device).permute(2, 0, 1)[None].float().div_(255.0)
+    x = (x - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(std, device=device).view(1, -1, 1, 1)
+    ph, pw = (-h) % multiple, (-w) % multiple
+    top, left = ph // 2, pw // 2  # split evenly: a 90-degree rotation of the input moves no padding
+    if ph or pw:
+        mode = "reflect" if ph < h and pw < w else "replicate"
+        x = torch.nn.functional.pad(x, (left, pw - left, top, ph - top), mode=mode)
+    x = x.contiguous(memory_format=torch.channels_last)
     symmetries = grid_symmetries(2) if tta == "d4" else grid_symmetries(2)[:1]
     out = 0.0
     with torch.no_grad(), _autocast(device, amp):
         for g in symmetries:
-            logits = sliding_window_inference(
-                apply_symmetry(x, g), roi_size=(patch_px, patch_px), sw_batch_size=batch_size,
-                predictor=loaded.module, overlap=overlap_px / patch_px, mode="gaussian",
-            )
-            out = out + invert_symmetry(logits.float().sigmoid(), g)
-    return (out / len(symmetries))[0, 0].cpu()
+            out = out + invert_symmetry(module(apply_symmetry(x, g)).float().sigmoid(), g)
+    return (out / len(symmetries))[0, :, top: top + h, left: left + w].cpu().numpy()
 
 
 def chunk_batches(groups: np.ndarray, batch_size: int) -> list[list[int]]:

@@ -13,7 +13,7 @@ Example:
 from __future__ import annotations
 
 import hashlib
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -45,6 +45,7 @@ class LoadedModel:
     mean: tuple
     std: tuple
     spec: ModelSpec
+    meta: dict = field(default_factory=dict)
 
 
 def _state_checksum(module: nn.Module) -> str:
@@ -59,15 +60,19 @@ def _out_kwargs(spec: ModelSpec) -> dict:
     return {"out_channels": len(spec.classes)} if spec.task == "segment" else {"num_classes": len(spec.classes)}
 
 
-def load_model(spec: ModelSpec) -> LoadedModel:
+def load_model(spec: ModelSpec, check: bool = True) -> LoadedModel:
     """Build ``spec.model`` (a registry name: seeded random weights) or load it (a checkpoint path).
 
+    With ``check`` (the pipeline's case) a checkpoint must have been trained for the spec's
+    task, classes and mpp (and, for tile classifiers, tile size); ``check=False`` takes the
+    checkpoint's own (evaluation).
+
     Raises:
-        ModelError: unknown name, missing or unreadable checkpoint, or a checkpoint whose
-            classes disagree with the spec.
+        ModelError: unknown name, missing or unreadable checkpoint, or a checkpoint that
+            disagrees with the spec (the message says in what).
     """
     if is_checkpoint_path(spec.model):
-        return _load_checkpoint(Path(spec.model), spec)
+        return _load_checkpoint(Path(spec.model), spec, check)
     torch.manual_seed(spec.seed)
     try:
         module = create_model(spec.model, **{**_out_kwargs(spec), **spec.model_kwargs})
@@ -77,7 +82,27 @@ def load_model(spec: ModelSpec) -> LoadedModel:
     return LoadedModel(module, spec.model, _state_checksum(module), False, DEFAULT_MEAN, DEFAULT_STD, spec)
 
 
-def _load_checkpoint(path: Path, spec: ModelSpec) -> LoadedModel:
+def _check_fits(path: Path, ckpt: dict, spec: ModelSpec) -> None:
+    task = ckpt.get("meta", {}).get("task")
+    if task is not None and task != spec.task:
+        raise ModelError(f"{path}: a {task} checkpoint cannot be used to {spec.task}")
+    classes, mpp, tile_px = list(ckpt.get("classes", [])), float(ckpt.get("mpp", spec.mpp)), int(ckpt.get("tile_px", spec.tile_px))
+    diffs = []
+    if classes and classes != list(spec.classes):
+        diffs.append(f"classes {classes} (config: {list(spec.classes)})")
+    if abs(mpp - spec.mpp) > 1e-6 * spec.mpp:
+        diffs.append(f"mpp {mpp:g} (config: {spec.mpp:g})")
+    if spec.task == "classify" and tile_px != spec.tile_px:
+        diffs.append(f"tile_px {tile_px} (config: {spec.tile_px})")
+    if diffs:
+        raise ModelError(f"{path}: the checkpoint was trained with {'; '.join(diffs)}: set the same in the config's "
+                         f"{spec.task} section, or use a checkpoint made for it")
+    n_out = ckpt.get("model_kwargs", {}).get("num_classes")
+    if spec.task == "classify" and n_out is not None and n_out != len(classes or spec.classes):
+        raise ModelError(f"{path}: the checkpoint's head has {n_out} outputs but names {len(classes)} classes")
+
+
+def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedModel:
     if not path.is_file():
         raise ModelError(f"{path}: model checkpoint not found")
     try:
@@ -86,6 +111,8 @@ def _load_checkpoint(path: Path, spec: ModelSpec) -> LoadedModel:
         raise ModelError(f"{path}: not a readable GMR-Path checkpoint ({type(err).__name__}: {err})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a GMR-Path checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
+    if check:
+        _check_fits(path, ckpt, spec)
     classes = list(ckpt.get("classes", spec.classes))
     try:
         module = create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
@@ -100,19 +127,24 @@ def _load_checkpoint(path: Path, spec: ModelSpec) -> LoadedModel:
         stride_px=spec.stride_px, overlap_px=spec.overlap_px, seed=spec.seed,
     )
     return LoadedModel(
-        module, ckpt["model"], digest, True, tuple(ckpt.get("mean", DEFAULT_MEAN)), tuple(ckpt.get("std", DEFAULT_STD)), spec
+        module, ckpt["model"], digest, True, tuple(ckpt.get("mean", DEFAULT_MEAN)), tuple(ckpt.get("std", DEFAULT_STD)), spec,
+        dict(ckpt.get("meta", {})),
     )
 
 
 def save_checkpoint(module: nn.Module, path: str | Path, model: str, model_kwargs: dict, classes: list, tile_px: int,
-                    mpp: float, mean=DEFAULT_MEAN, std=DEFAULT_STD) -> Path:
-    """Write a checkpoint :func:`load_model` reads (atomically: temporary file, then rename)."""
+                    mpp: float, mean=DEFAULT_MEAN, std=DEFAULT_STD, meta: dict | None = None) -> Path:
+    """Write a checkpoint :func:`load_model` reads (atomically: temporary file, then rename).
+
+    ``meta`` (plain JSON-like values) carries what training knows: task, post-processing
+    thresholds, dataset digest, code version, validation scores.
+    """
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     payload = {
         "format": CHECKPOINT_FORMAT, "model": model, "model_kwargs": dict(model_kwargs), "classes": list(classes),
         "tile_px": int(tile_px), "mpp": float(mpp), "mean": list(mean), "std": list(std),
-        "state_dict": module.state_dict(),
+        "meta": dict(meta or {}), "state_dict": module.state_dict(),
     }
     tmp = path.with_name(f".{path.name}.tmp")
     torch.save(payload, tmp)

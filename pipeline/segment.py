@@ -1,11 +1,14 @@
-"""Nuclei segmentation of a slide: U-Net probability and instance labels, block by block.
+"""Nuclei segmentation of a slide or image: probability, instance labels, detections.
 
-The slide at the model's resolution is cut into square blocks (``block_px``); each block on
-tissue is read with a margin, segmented by MONAI's sliding-window inference with Gaussian
-blending, cropped, thresholded and labelled (connected components), then written to the
-``.partial`` OME-Zarr store and recorded as done: a killed run resumes at the next block and
-memory does not grow with the slide. Label ids are ``block * 65536 + k``: unique and the same
-on every run. A nucleus cut by a block edge gets one id on each side (kept simple on purpose).
+The slide at the model's resolution is cut into square blocks (``block_px``). Each block on
+tissue is read with a margin at least the network's receptive radius, segmented in one
+forward pass (so its core is exactly what the whole slide would give: no seams), turned into
+instances (marker watershed on the model's foreground and distance maps, see
+:mod:`pipeline.instances`), cropped to the core, written to the ``.partial`` OME-Zarr store and
+recorded as done: a killed run resumes at the next block and memory does not grow with the
+slide. A nucleus's id is ``1 + y * width + x`` of its centroid pixel (at the model's mpp), so
+the two blocks that see a nucleus on their shared edge give it the same id, and a rerun
+writes the same ids.
 
 Example::
 
@@ -16,6 +19,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import time
 from pathlib import Path
@@ -23,19 +27,54 @@ from typing import Optional
 
 import numpy as np
 
-from .predict import OutputError, Progress, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
+from .predict import Progress, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
 from .read import read_region, slide_id
-from .write_geojson import polygon_feature, write_feature_collection
+from .write_geojson import pixel_outline, polygon_feature, write_feature_collection
 from .write_zarr import done_chunks, finalize_store, mark_chunk_done, open_partial_store, store_matches, stored_attrs, write_label
 
-__all__ = ["segment_slide", "BLOCK_STRIDE_LABELS"]
+__all__ = ["segment_slide", "block_instances", "model_margin_px"]
 
-BLOCK_STRIDE_LABELS = 65536
+
+def model_margin_px(loaded) -> int:
+    """The block margin: the network's receptive radius (or the spec's overlap when larger)."""
+    return max(int(getattr(loaded.module, "receptive_radius_px", 0)), loaded.spec.overlap_px)
+
+
+def _size_multiple(loaded) -> int:
+    return 2 ** (getattr(loaded.module, "levels", 1) - 1)
+
+
+def block_instances(maps: np.ndarray, post, margin: int, core_hw: tuple[int, int], origin_xy: tuple[int, int],
+                    width: int) -> np.ndarray:
+    """Instances of a block read with ``margin``, cropped to its core, with global centroid ids.
+
+    Shape:
+        maps ``(C, h + 2m, w + 2m)`` -> ``(h, w)`` uint64 (0 = background).
+    """
+    from scipy import ndimage
+
+    from .instances import instances_from_maps
+
+    labels = instances_from_maps(maps[0], maps[1] if len(maps) > 1 else None, post)
+    n = int(labels.max())
+    h, w = core_hw
+    if n == 0:
+        return np.zeros((h, w), np.uint64)
+    index = np.arange(1, n + 1)
+    cy, cx = (np.asarray(c) for c in zip(*ndimage.center_of_mass(np.ones_like(labels), labels, index)))
+    gy = np.clip(np.round(cy).astype(np.int64) + origin_xy[1] - margin, 0, None)
+    gx = np.clip(np.round(cx).astype(np.int64) + origin_xy[0] - margin, 0, width - 1)
+    lut = np.zeros(n + 1, np.uint64)
+    lut[1:] = (gy * width + gx + 1).astype(np.uint64)
+    return lut[labels[margin: margin + h, margin: margin + w]]
 
 
 def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[str] = None, progress: Progress = None,
-                  block_px: int = 1024, threshold: float = 0.5, stop_after_blocks: Optional[int] = None) -> dict:
+                  block_px: int = 1024, threshold: Optional[float] = None, stop_after_blocks: Optional[int] = None) -> dict:
     """Nuclei of one slide: OME-Zarr probability + label pyramid, detections GeoJSON, summary.
+
+    Args:
+        threshold: overrides the foreground threshold the checkpoint was trained with.
 
     Raises:
         SlideError, NoTissueError, ModelError, OutputError: with the file and the problem.
@@ -43,7 +82,8 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     import torch
     import zarr
 
-    from .infer import prepare_model, segment_logits
+    from .infer import prepare_model, segment_maps
+    from .instances import PostProcess
     from .models import load_model
     from .runtime import bound_heap_growth, resolve_device
     from .summary import write_summary
@@ -55,6 +95,9 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     dev = resolve_device(device or cfg.run.device)
     loaded = load_model(cfg.segment)
     spec = loaded.spec
+    post = PostProcess(**loaded.meta.get("postprocess", {}))
+    if threshold is not None:
+        post = dataclasses.replace(post, fg_threshold=threshold)
     slide = open_configured_slide(path, cfg)
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)
@@ -67,32 +110,29 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     blocks = [(by, bx) for by in range(n_by) for bx in range(n_bx)
               if mask[int(by * block_px / m): math.ceil((by + 1) * block_px / m), int(bx * block_px / m): math.ceil((bx + 1) * block_px / m)].any()]
     final = paths["nuclei_zarr"]
-    fingerprint = json_safe({**run_fingerprint(slide, spec, loaded.checksum, cfg), "block_px": block_px, "threshold": threshold})
+    margin = model_margin_px(loaded)
+    fingerprint = json_safe({**run_fingerprint(slide, spec, loaded.checksum, cfg), "block_px": block_px,
+                             "postprocess": post.to_dict(), "margin_px": margin})
     blocks_per_s = None
     if not store_matches(final, fingerprint):
         group, _ = open_partial_store(final, fingerprint)
         if "0" not in group:
             group.create_array("0", shape=(1, height, width), chunks=(1, block_px, block_px), dtype="uint8", fill_value=0,
                                dimension_names=("c", "y", "x"))
-            group.create_array("_labels", shape=(height, width), chunks=(block_px, block_px), dtype="uint32", fill_value=0)
+            group.create_array("_labels", shape=(height, width), chunks=(block_px, block_px), dtype="uint64", fill_value=0)
         finished = done_chunks(group)
         todo = [(by, bx) for by, bx in blocks if by * n_bx + bx not in finished]
         prepare_model(loaded, dev)
-        margin = spec.overlap_px
+        multiple = _size_multiple(loaded)
         t0 = time.perf_counter()
         for k, (by, bx) in enumerate(todo):
-            bid = by * n_bx + bx
             x0, y0 = bx * block_px, by * block_px
             bw, bh = min(block_px, width - x0), min(block_px, height - y0)
-            rx, ry = x0 - margin, y0 - margin
-            size = (max(bw + 2 * margin, spec.tile_px), max(bh + 2 * margin, spec.tile_px))
-            region = torch.from_numpy(read_region(slide, (round(rx * f), round(ry * f)), size, spec.mpp))
-            prob = segment_logits(loaded, region, dev, spec.tile_px, spec.overlap_px, cfg.run.batch_size, cfg.run.tta, cfg.run.amp)
-            prob = prob.numpy()[margin: margin + bh, margin: margin + bw]
-            labels = _instances(prob > threshold, bid)
-            group["0"][0, y0: y0 + bh, x0: x0 + bw] = np.round(prob * 255).astype(np.uint8)
-            group["_labels"][y0: y0 + bh, x0: x0 + bw] = labels
-            mark_chunk_done(group, bid)
+            region = read_region(slide, (round((x0 - margin) * f), round((y0 - margin) * f)), (bw + 2 * margin, bh + 2 * margin), spec.mpp)
+            maps = segment_maps(loaded.module, torch.from_numpy(region), loaded.mean, loaded.std, dev, multiple, cfg.run.amp, cfg.run.tta)
+            group["0"][0, y0: y0 + bh, x0: x0 + bw] = np.round(maps[0, margin: margin + bh, margin: margin + bw] * 255).astype(np.uint8)
+            group["_labels"][y0: y0 + bh, x0: x0 + bw] = block_instances(maps, post, margin, (bh, bw), (x0, y0), width)
+            mark_chunk_done(group, by * n_bx + bx)
             if progress is not None:
                 progress(k + 1, len(todo))
             if stop_after_blocks is not None and k + 1 >= stop_after_blocks:
@@ -109,22 +149,14 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
         "slide": sid, "mpp": round(slide.mpp, 5), "seg_mpp": spec.mpp, "model": loaded.name,
         "model_checksum": loaded.checksum, "trained": loaded.trained, "device": str(dev),
         "nuclei_count": n_features, "nuclei_per_mm2": round(n_features / tissue_mm2, 2) if tissue_mm2 else None,
-        "blocks": len(blocks), "block_px": block_px, "blocks_per_s": blocks_per_s,
+        "blocks": len(blocks), "block_px": block_px, "margin_px": margin, "blocks_per_s": blocks_per_s,
+        "megapixels_per_s": round(blocks_per_s * block_px**2 / 1e6, 4) if blocks_per_s else None,
         "run_time_s": round(time.perf_counter() - start, 2),
         "outputs": {"nuclei_zarr": str(final), "nuclei_geojson": str(paths["nuclei_geojson"])},
     }
     write_summary(summary, paths["nuclei_summary_json"])
     slide.close()
     return summary
-
-
-def _instances(foreground: np.ndarray, block_id: int) -> np.ndarray:
-    from skimage import measure
-
-    labels = measure.label(foreground, connectivity=1).astype(np.uint32)
-    if labels.max() >= BLOCK_STRIDE_LABELS:
-        raise OutputError(f"block {block_id}: more than {BLOCK_STRIDE_LABELS - 1} nuclei in one block")
-    return np.where(labels > 0, labels + np.uint32(block_id * BLOCK_STRIDE_LABELS), 0).astype(np.uint32)
 
 
 def _finish_nuclei_store(group, final, slide, spec, f, fingerprint, loaded, blocks_per_s) -> None:
@@ -146,32 +178,50 @@ def _finish_nuclei_store(group, final, slide, spec, f, fingerprint, loaded, bloc
 
 
 def _write_nuclei_geojson(store, path: Path, sid: str, f: float, block_px: int, mpp: float) -> int:
-    """Outline every labelled nucleus as a QuPath detection, one label block at a time."""
-    import cv2
+    """Outline every nucleus as a QuPath detection along its pixel edges.
+
+    Two passes over the label blocks: the first records each id's bounding box, the second
+    writes each nucleus once, whole, from its own box, block by block (the block holding the
+    box's top-left corner owns it; one read per block covers its nuclei), so a nucleus on a
+    block edge is one detection.
+    """
     from scipy import ndimage
 
     arr = store["labels/nuclei/0"]
     _, height, width = arr.shape
+    boxes: dict[int, list[int]] = {}
+    for y0 in range(0, height, block_px):
+        for x0 in range(0, width, block_px):
+            block = np.asarray(arr[0, y0: y0 + block_px, x0: x0 + block_px])
+            if not block.any():
+                continue
+            for value, sl in zip(*_objects(block, ndimage)):
+                box = [y0 + sl[0].start, x0 + sl[1].start, y0 + sl[0].stop, x0 + sl[1].stop]
+                old = boxes.setdefault(int(value), box)
+                if old is not box:
+                    boxes[int(value)] = [min(old[0], box[0]), min(old[1], box[1]), max(old[2], box[2]), max(old[3], box[3])]
+    owners: dict[tuple[int, int], list[int]] = {}
+    for v in sorted(boxes):
+        owners.setdefault((boxes[v][0] // block_px, boxes[v][1] // block_px), []).append(v)
 
     def features():
-        for y0 in range(0, height, block_px):
-            for x0 in range(0, width, block_px):
-                block = np.asarray(arr[0, y0: y0 + block_px, x0: x0 + block_px])
-                if not block.any():
-                    continue
-                for value, sl in zip(*_objects(block, ndimage)):
-                    crop = (block[sl] == value).astype(np.uint8)
-                    contours, _ = cv2.findContours(np.pad(crop, 1), cv2.RETR_EXTERNAL, cv2.CHAIN_APPROX_SIMPLE)
-                    if not contours:
-                        continue
-                    c = max(contours, key=cv2.contourArea)[:, 0, :].astype(np.float64) - 1.0
-                    if len(c) < 3:  # a one- or two-pixel object: use its pixel square
-                        ys, xs = np.nonzero(crop)
-                        c = np.array([[xs.min(), ys.min()], [xs.max() + 1, ys.min()], [xs.max() + 1, ys.max() + 1], [xs.min(), ys.max() + 1]], float)
-                    ring = [((x0 + sl[1].start + px) * f, (y0 + sl[0].start + py) * f) for px, py in c]
-                    area_px = float(crop.sum())
-                    yield polygon_feature(ring, "detection", "Nucleus", (255, 0, 255),
-                                          {"area px": area_px, "area um^2": area_px * mpp**2}, f"{sid}:nucleus:{int(value)}")
+        for key in sorted(owners):
+            owned = owners[key]
+            wy0, wx0 = min(boxes[v][0] for v in owned), min(boxes[v][1] for v in owned)
+            wy1, wx1 = max(boxes[v][2] for v in owned), max(boxes[v][3] for v in owned)
+            window = np.asarray(arr[0, wy0:wy1, wx0:wx1])  # one read per block, not one per nucleus
+            for value in owned:
+                ya, xa, yb, xb = boxes[value]
+                crop = window[ya - wy0: yb - wy0, xa - wx0: xb - wx0] == value
+                ext, holes = pixel_outline(crop)
+
+                def to_slide(ring, ya=ya, xa=xa):
+                    return [((xa + px) * f, (ya + py) * f) for px, py in ring]
+
+                area_px = float(crop.sum())
+                yield polygon_feature(to_slide(ext), "detection", "Nucleus", (255, 0, 255),
+                                      {"area px": area_px, "area um^2": area_px * mpp**2}, f"{sid}:nucleus:{value}",
+                                      holes=[to_slide(h) for h in holes])
 
     _, count = write_feature_collection(features(), path)
     return count

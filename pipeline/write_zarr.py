@@ -108,13 +108,14 @@ def hex_color(rgb: Sequence[int]) -> str:
 def multiscales_metadata(name: str, n_levels: int, scale_um: tuple[float, float], translation_um: tuple[float, float],
                          factor: int = 2) -> dict:
     """One NGFF ``multiscales`` entry for a (c, y, x) pyramid whose level ``i`` is ``factor**i``
-    coarser; translations keep pixel centres consistent across levels."""
+    coarser. Levels are built by :func:`write_pyramid`, which keeps every ``factor``-th pixel:
+    pixel ``(i, j)`` of level ``s`` *is* pixel ``(f*i, f*j)`` of level 0, so every level has
+    level 0's translation (a block-averaged level would move by ``(f - 1) / 2`` fine pixels)."""
     datasets = []
     for level in range(n_levels):
         f = factor**level
         scale = [1.0, scale_um[0] * f, scale_um[1] * f]
-        # a coarse pixel covers f fine pixels: its centre moves by (f - 1) / 2 fine steps
-        translation = [0.0, translation_um[0] + (f - 1) / 2 * scale_um[0], translation_um[1] + (f - 1) / 2 * scale_um[1]]
+        translation = [0.0, translation_um[0], translation_um[1]]
         datasets.append({
             "path": str(level),
             "coordinateTransformations": [{"type": "scale", "scale": scale}, {"type": "translation", "translation": translation}],

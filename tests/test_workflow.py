@@ -34,7 +34,7 @@ def small_slide(tmp_path_factory):
 def _seg_cfg(slide, out):
     return config_from_dict({
         "slides": str(slide), "out": str(out), "classify": None,
-        "segment": {"preset": "nuclei", "model_kwargs": TINY_UNET, "tile_px": 128, "overlap_px": 16},
+        "segment": {"preset": "nuclei", "model": "gmr_unet", "model_kwargs": TINY_UNET, "tile_px": 128, "overlap_px": 16},
         "tissue": {"min_object_um2": 500},
         "run": {"batch_size": 4},
     })
@@ -45,13 +45,13 @@ def _threshold_for_untrained(cfg, slide) -> float:
     so that the plumbing below sees a realistic number of objects."""
     import torch
 
-    from pipeline.infer import prepare_model, segment_logits
+    from pipeline.infer import prepare_model, segment_maps
     from pipeline.models import load_model
     from pipeline.read import open_slide, read_region
 
     loaded = prepare_model(load_model(cfg.segment), torch.device("cpu"))
     region = torch.from_numpy(read_region(open_slide(slide), (0, 0), (256, 256), 0.5))
-    return float(np.quantile(segment_logits(loaded, region, torch.device("cpu"), 128, 16, 4).numpy(), 0.9))
+    return float(np.quantile(segment_maps(loaded.module, region, loaded.mean, loaded.std, torch.device("cpu"))[0], 0.9))
 
 
 def test_segment_writes_labels_detections_and_resumes_identically(small_slide, tmp_path):
@@ -125,3 +125,100 @@ def test_snakemake_rejects_a_bad_config_before_any_work(tmp_path):
     assert proc.returncode != 0
     assert "batchsize" in proc.stdout + proc.stderr
     assert not (tmp_path / "o").exists()
+
+
+def _ring_area_centroid(ring):
+    a = cx = cy = 0.0
+    for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:]):
+        cross = x0 * y1 - x1 * y0
+        a += cross
+        cx += (x0 + x1) * cross
+        cy += (y0 + y1) * cross
+    return a / 2, cx / (3 * a), cy / (3 * a)
+
+
+def ndimage_erode(mask, px):
+    from scipy import ndimage
+
+    return ndimage.binary_erosion(mask, iterations=px, border_value=1)
+
+
+def test_segment_is_independent_of_blocks_and_outlines_match_the_mask(small_slide, tmp_path):
+    """Blocks of 128 px and one block of 768 px give the same probability and the same nucleus ids
+    (the margin covers the receptive field; ids come from centroids), each nucleus on a block edge
+    is one detection, and every detection's polygon has the mask's area and centroid."""
+    cfg = _seg_cfg(small_slide, tmp_path / "one")
+    thr = _threshold_for_untrained(cfg, small_slide)
+    segment_slide(small_slide, cfg, cfg.out, block_px=768, threshold=thr)
+    cfg_small = _seg_cfg(small_slide, tmp_path / "many")
+    many = segment_slide(small_slide, cfg_small, cfg_small.out, block_px=128, threshold=thr)
+    one_store = zarr.open_group(str(slide_outputs(cfg.out, "crop")["nuclei_zarr"]), mode="r")
+    many_store = zarr.open_group(str(slide_outputs(cfg_small.out, "crop")["nuclei_zarr"]), mode="r")
+    p1, p2 = np.asarray(one_store["0"][0]).astype(int), np.asarray(many_store["0"][0]).astype(int)
+    done = np.kron(p2.reshape(6, 128, 6, 128).any(axis=(1, 3)), np.ones((128, 128), bool))  # blocks on tissue
+    assert 0.3 < done.mean() < 1
+    assert np.abs(p1 - p2)[done].max() <= 1 and (p1 != p2)[done].mean() < 1e-3  # no seams: float rounding only
+    l1, l2 = np.asarray(one_store["labels/nuclei/0"][0]), np.asarray(many_store["labels/nuclei/0"][0])
+    inner = ndimage_erode(done, 40)  # away from skipped blocks, whose nuclei the 768 px block also has
+    # objects smaller than the margin (nuclei) come out the same whatever the blocks: same pixels, same id
+    margin = many["margin_px"]
+    from scipy import ndimage
+
+    values = np.unique(l1[l1 > 0])
+    compact = np.searchsorted(values, l1) + 1
+    compact[l1 == 0] = 0
+    small = np.zeros(values.size + 1, bool)
+    for k, sl in enumerate(ndimage.find_objects(compact), start=1):
+        small[k] = sl is not None and max(sl[0].stop - sl[0].start, sl[1].stop - sl[1].start) < margin
+    region = inner & small[compact]
+    assert region.sum() > 1000 and (l1 != l2)[region].mean() < 1e-4
+    edge = np.zeros(l2.shape, bool)
+    edge[:, 127::128] = edge[:, 128::128] = True
+    crossing = np.unique(l2[edge & (l2 > 0) & (np.roll(l2, -1, axis=1) == l2)])
+    assert len(crossing) >= 3  # nuclei that straddle block edges exist, and each has one id on both sides
+    fc = json.loads(slide_outputs(cfg_small.out, "crop")["nuclei_geojson"].read_text())
+    assert len(fc["features"]) == many["nuclei_count"] == len(np.unique(l2[l2 > 0]))
+    from scipy import ndimage
+
+    ids = np.unique(l2[l2 > 0])
+    areas = ndimage.sum(np.ones_like(l2), l2, ids)
+    cents = ndimage.center_of_mass(np.ones_like(l2), l2, ids)
+    from pipeline.write_geojson import _NAMESPACE
+
+    by_id = {f["id"]: f for f in fc["features"]}
+    checked = 0
+    for value, area, (cy, cx) in zip(ids, areas, cents):
+        f = by_id[str(uuid.uuid5(_NAMESPACE, f"crop:nucleus:{int(value)}"))]
+        assert f["properties"]["measurements"]["area px"] == area
+        if ndimage.label(l2 == value)[1] != 1:
+            continue  # pieces touching only diagonally: the polygon keeps the largest
+        rings = f["geometry"]["coordinates"]
+        a, px, py = _ring_area_centroid(rings[0])
+        holes = [_ring_area_centroid(h) for h in rings[1:]]
+        total = a + sum(h[0] for h in holes)
+        assert total == pytest.approx(area)  # pixel edges: the polygon has the mask's area...
+        mx = (a * px + sum(h[0] * h[1] for h in holes)) / total
+        my = (a * py + sum(h[0] * h[2] for h in holes)) / total
+        assert mx == pytest.approx(cx + 0.5) and my == pytest.approx(cy + 0.5)  # ...and its centroid (QuPath: pixel = unit square)
+        checked += 1
+    assert checked >= 10
+
+
+def test_every_pyramid_level_is_registered_with_level_0(small_slide, tmp_path):
+    cfg = _seg_cfg(small_slide, tmp_path / "p")
+    segment_slide(small_slide, cfg, cfg.out, block_px=256, threshold=_threshold_for_untrained(cfg, small_slide))
+    store = zarr.open_group(str(slide_outputs(cfg.out, "crop")["nuclei_zarr"]), mode="r")
+    for node in (store, store["labels/nuclei"]):
+        datasets = node.attrs["ome"]["multiscales"][0]["datasets"]
+        (s0, t0) = (datasets[0]["coordinateTransformations"][i][k] for i, k in ((0, "scale"), (1, "translation")))
+        base = np.asarray(node["0"][0])
+        assert len(datasets) >= 2
+        for d in datasets[1:]:
+            s, t = (d["coordinateTransformations"][i][k] for i, k in ((0, "scale"), (1, "translation")))
+            level = np.asarray(node[d["path"]][0])
+            ys, xs = np.mgrid[: level.shape[0], : level.shape[1]]
+            # where each coarse pixel centre lies, in level-0 pixels: an integer, and the same value there
+            y0 = (t[1] + ys * s[1] - t0[1]) / s0[1]
+            x0 = (t[2] + xs * s[2] - t0[2]) / s0[2]
+            assert np.allclose(y0, np.round(y0)) and np.allclose(x0, np.round(x0))
+            assert np.array_equal(level, base[np.round(y0).astype(int), np.round(x0).astype(int)])

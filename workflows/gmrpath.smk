@@ -103,3 +103,19 @@ rule cohort:
         html=OUT / "report.html",
     shell:
         "{GMRPATH} cohort {OUT:q}"
+
+
+rule train:
+    """`snakemake --cores all results/train/nuclei_gmr/summary.json` trains configs/train_nuclei_gmr.yaml
+    (its `out` must be results/train/<name>); a killed run continues from its last.pt."""
+    input:
+        config="configs/train_{name}.yaml",
+    output:
+        summary="results/train/{name}/summary.json",
+    log:
+        "results/train/{name}.snakemake.log",
+    threads: 2
+    resources:
+        gpu=1 if CFG.run.device.startswith("cuda") else 0,
+    shell:
+        "{GMRPATH} train {input.config:q} $([ -f results/train/{wildcards.name}/last.pt ] && echo --resume) > {log:q} 2>&1"

@@ -1,0 +1,103 @@
+"""Training throughput: images/s of one optimiser step, peak memory, and the data loader alone.
+
+GMR networks against their ordinary-convolution twins at the same width, measured in one
+run with interleaved rounds (best of ``repeats``): ``gmr_resnet18`` vs ``resnet18`` on tiles,
+``gmr_unet`` vs ``unet`` on nuclei crops. The loader rate is that of the real training
+datasets (random crops + albumentations) so it can be compared with the step rate: it must
+not be the bottleneck. Run with ``gmrpath benchmark train``.
+
+Example::
+
+    result = run_training_benchmark(repeats=3)
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Optional
+
+import numpy as np
+import torch
+
+from .common import device_name, interleaved_best_ms, peak_memory_mb
+
+__all__ = ["run_training_benchmark", "PAIRS"]
+
+PAIRS = {
+    "classifier": (("gmr_resnet18", "resnet18"), {"num_classes": 8, "base_channels": 16, "kernel_sizes": (9, 9, 5, 5)}, 144, 16),
+    "nuclei": (("gmr_unet", "unet"), {"out_channels": 2, "base_channels": 16, "kernel_sizes": (5, 5, 3, 3)}, 128, 8),
+}
+
+
+def _step_fn(name, kwargs, tile, batch, device, amp):
+    from gmr_models import create_model
+
+    from training.loop import segment_loss
+
+    torch.manual_seed(0)
+    net = create_model(name, **kwargs).to(device).to(memory_format=torch.channels_last).train()
+    opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
+    x = torch.randn(batch, 3, tile, tile, device=device).contiguous(memory_format=torch.channels_last)
+    seg = "out_channels" in kwargs
+    y = torch.rand(batch, 2, tile, tile, device=device) if seg else torch.randint(0, kwargs["num_classes"], (batch,), device=device)
+    loss_fn = segment_loss if seg else torch.nn.functional.cross_entropy
+    use_amp = amp and device.type == "cuda"
+
+    def step():
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            loss = loss_fn(net(x).float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+
+
+def _loader_rate(kind: str, batches: int, workers: int) -> float:
+    from training.augment import build_augment
+    from training.config import AugmentConfig
+    from training.datasets import NucleiCrops, Sample, TileSamples
+
+    rng = np.random.default_rng(0)
+    aug = build_augment(AugmentConfig())
+    if kind == "nuclei":
+        samples = [Sample(f"s{i}", rng.integers(0, 255, (500, 500, 3), dtype=np.uint8), f"s{i}",
+                          labels=(rng.random((500, 500)) > 0.7).astype(np.int32)) for i in range(4)]
+        ds, batch = NucleiCrops(samples, 128, 10_000, aug), 8
+    else:
+        samples = [Sample(f"t{i}", rng.integers(0, 255, (144, 144, 3), dtype=np.uint8), f"t{i}", label=i % 8) for i in range(512)]
+        ds, batch = TileSamples(samples, aug), 16
+    loader = torch.utils.data.DataLoader(ds, batch_size=batch, num_workers=workers, shuffle=True)
+    it = iter(loader)
+    next(it)
+    start = time.perf_counter()
+    n = 0
+    for _ in range(batches):
+        n += len(next(it)[0])
+    return n / (time.perf_counter() - start)
+
+
+def run_training_benchmark(device: str = "auto", repeats: int = 3, workers: int = 1, memory: bool = True,
+                           progress: Optional[callable] = None) -> dict:
+    """Images/s per training step and peak memory of each pair, and the loaders' images/s."""
+    from pipeline.runtime import resolve_device
+
+    dev = resolve_device(device)
+    result = {"device": device_name(dev), "repeats": repeats, "pairs": {}, "loader_images_per_s": {}}
+    for task, (names, kwargs, tile, batch) in PAIRS.items():
+        if progress:
+            progress(f"{task}: timing {' vs '.join(names)}")
+        fns = {n: _step_fn(n, kwargs, tile, batch, dev, True) for n in names}
+        best = interleaved_best_ms(fns, dev, repeats, warmup=1)
+        rows = {}
+        for n in names:
+            rows[n] = {"step_ms": round(best[n], 1), "images_per_s": round(batch * 1000 / best[n], 2)}
+            if memory:
+                rows[n]["peak_memory_mib"] = round(peak_memory_mb(fns[n], dev), 1)
+        rows["gmr_vs_conv_speed"] = round(rows[names[0]]["images_per_s"] / rows[names[1]]["images_per_s"], 3)
+        result["pairs"][task] = {"models": rows, "kwargs": {k: list(v) if isinstance(v, tuple) else v for k, v in kwargs.items()},
+                                 "tile_px": tile, "batch": batch}
+        if progress:
+            progress(f"{task}: data loader alone")
+        result["loader_images_per_s"][task] = round(_loader_rate(task, 20, workers), 1)
+    return result

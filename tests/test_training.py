@@ -1,0 +1,473 @@
+"""Training package: config, datasets, targets, augmentation, metrics, post-processing, loop, DDP, evaluation.
+
+Data is generated here (blobs on an H&E-like background, coloured tiles) so every test runs
+without ../shared; tests that use the real MoNuSeg and Kather data skip only when it is absent.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from PIL import Image
+
+from conftest import REPO, SHARED_DATA
+from pipeline.instances import PostProcess, instances_from_maps
+from pipeline.models import load_model
+from pipeline.config import ModelSpec
+from training.augment import build_augment
+from training.config import AugmentConfig, DataConfig, TrainConfigError, load_train_config
+from training.datasets import DataError, NucleiCrops, load_dataset, split_names
+from training.metrics import aji, classification_scores, panoptic_quality, segmentation_scores
+from training.targets import nuclei_targets
+
+TINY_UNET = {"base_channels": 4, "kernel_sizes": [5, 3]}
+
+
+def blobs(rng, size=96, n=14, radius=(4, 7)):
+    """An H&E-like image with purple discs (some touching) and their instance mask."""
+    from skimage.draw import disk
+
+    img = np.empty((size, size, 3), np.uint8)
+    img[:] = (235, 190, 215)
+    labels = np.zeros((size, size), np.int32)
+    for k in range(1, n + 1):
+        r = int(rng.integers(*radius))
+        c = rng.integers(r, size - r, 2)
+        rr, cc = disk((c[0], c[1]), r, shape=labels.shape)
+        free = labels[rr, cc] == 0
+        labels[rr[free], cc[free]] = k
+        img[rr[free], cc[free]] = (90, 50, 150)
+    img = np.clip(img + rng.normal(0, 6, img.shape), 0, 255).astype(np.uint8)
+    return img, labels
+
+
+@pytest.fixture(scope="module")
+def nuclei_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("nuclei")
+    (root / "images").mkdir()
+    (root / "labels").mkdir()
+    rng = np.random.default_rng(0)
+    for i in range(5):
+        img, lab = blobs(rng)
+        Image.fromarray(img).save(root / "images" / f"img{i}.png")
+        import tifffile
+
+        tifffile.imwrite(root / "labels" / f"img{i}.tif", lab.astype(np.uint16))
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiles_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiles")
+    rng = np.random.default_rng(1)
+    for name, colour in (("purple", (120, 60, 160)), ("pink", (240, 170, 200))):
+        (root / name).mkdir()
+        for i in range(6):
+            img = np.clip(np.array(colour) + rng.normal(0, 20, (40, 40, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(img).save(root / name / f"{i}.png")
+    return root
+
+
+def write_cfg(tmp_path, **kw) -> Path:
+    data = {"task": "segment", "model": "gmr_unet", "model_kwargs": TINY_UNET, "tile_px": 32, "mpp": 0.5, "epochs": 2,
+            "batch_size": 4, "samples_per_epoch": 8, "num_workers": 0, "out": str(tmp_path / "run"), "val_angles": [45],
+            "optim": {"name": "adamw", "lr": 0.01, "warmup_epochs": 0},
+            "data": {"kind": "nuclei", "root": "", "mpp": 0.5, "val_fraction": 0.4, "seed": 0}}
+    for k, v in kw.items():
+        data[k] = {**data[k], **v} if isinstance(v, dict) and isinstance(data.get(k), dict) else v
+    path = tmp_path / "train.yaml"
+    path.write_text(yaml.safe_dump(data))
+    return path
+
+
+# --- config ---------------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("name", ["train_nuclei_gmr", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet"])
+def test_shipped_training_configs_load(name):
+    cfg = load_train_config(REPO / "configs" / f"{name}.yaml", check_paths=SHARED_DATA.is_dir())
+    assert cfg.augment.geometric is False  # the paper's protocol: no rotation augmentation
+    assert Path(cfg.out).is_absolute()
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"epochs": 0}, "epochs"), ({"tile_px": True}, "tile_px"), ({"mpp": float("nan")}, "mpp"), ({"amp": "yes"}, "amp"),
+    ({"data": {"kind": "zip"}}, "data.kind"), ({"data": {"mpp": None}}, "data.mpp"), ({"optim": {"name": "lion"}}, "optim.name"),
+    ({"augment": {"blur": 2}}, "augment.blur"), ({"data": {"folds": 1}}, "data.folds"), ({"bogus": 1}, "bogus"),
+    ({"augment": {"geometric": "no"}}, "augment.geometric"), ({"val_angles": "45"}, "val_angles"),
+])
+def test_bad_training_config_names_file_and_key(tmp_path, override, key):
+    path = write_cfg(tmp_path, **override)
+    with pytest.raises(TrainConfigError, match=key.replace(".", r"\.")) as err:
+        load_train_config(path, {"data": {"root": str(tmp_path)}})
+    assert str(path) in str(err.value)
+
+
+def test_missing_data_root_is_an_error(tmp_path):
+    with pytest.raises(TrainConfigError, match="data.root .* does not exist"):
+        load_train_config(write_cfg(tmp_path), {"data": {"root": str(tmp_path / "nope")}})
+
+
+# --- datasets and splits ---------------------------------------------------------------------------------------
+
+def test_nuclei_dataset_resamples_and_splits_by_image(nuclei_dir):
+    data = load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.25, val_fraction=0.4), "segment", 0.5, 32)
+    assert len(data.train) == 3 and len(data.val) == 2
+    assert not {s.name for s in data.train} & {s.name for s in data.val}
+    s = data.train[0]
+    assert s.image.shape == (48, 48, 3) and s.labels.shape == (48, 48)  # 0.25 -> 0.5 mpp: half the side
+    assert s.native_labels.shape == (96, 96) and s.native_mpp == 0.25
+    again = load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.25, val_fraction=0.4), "segment", 0.5, 32)
+    assert again.digest == data.digest and [s.name for s in again.val] == [s.name for s in data.val]
+
+
+def test_split_groups_and_folds_keep_patients_whole():
+    names = [f"P{p}-{i}" for p in range(6) for i in range(3)]
+    groups = {n: n.split("-")[0] for n in names}
+    train, val = split_names(names, groups, DataConfig(val_fraction=0.34, seed=3))
+    assert {groups[n] for n in train}.isdisjoint({groups[n] for n in val}) and val
+    seen = set()
+    for fold in range(3):
+        tr, va = split_names(names, groups, DataConfig(folds=3, fold=fold))
+        assert {groups[n] for n in tr}.isdisjoint({groups[n] for n in va})
+        seen |= va
+    assert seen == set(names)  # every image validated exactly once across folds
+
+
+def test_split_csv(tmp_path, nuclei_dir):
+    csv = tmp_path / "split.csv"
+    csv.write_text("image,split\nimg0,val\nimg1,train\nimg2,train\nimg3,train\nimg4,val\n")
+    data = load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, split_csv=str(csv)), "segment", 0.5, 32)
+    assert sorted(s.name for s in data.val) == ["img0", "img4"]
+    csv.write_text("image,split\nimg0,val\n")
+    with pytest.raises(DataError, match="no split for 4 image"):
+        load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, split_csv=str(csv)), "segment", 0.5, 32)
+
+
+def _copy_tree(src: Path, dst: Path) -> Path:
+    import shutil
+
+    shutil.copytree(src, dst)
+    return dst
+
+
+def test_bad_nuclei_files_are_named_or_skipped(tmp_path, nuclei_dir):
+    root = _copy_tree(nuclei_dir, tmp_path / "d")
+    (root / "images" / "broken.png").write_bytes(b"not a png")
+    (root / "labels" / "broken.tif").write_bytes(b"nor a tiff")
+    cfg = DataConfig(kind="nuclei", root=str(root), mpp=0.5, val_fraction=0.0)
+    with pytest.raises(DataError, match="broken.png: cannot decode image"):
+        load_dataset(cfg, "segment", 0.5, 32)
+    data = load_dataset(cfg, "segment", 0.5, 32, skip_bad=True)
+    assert len(data.train) == 5 and len(data.skipped) == 1 and "broken.png" in data.skipped[0]
+    (root / "images" / "broken.png").unlink()
+    import tifffile
+
+    tifffile.imwrite(root / "labels" / "img0.tif", np.zeros((50, 60), np.uint16))
+    with pytest.raises(DataError, match=r"img0.tif: mask size \(50, 60\) differs from image size \(96, 96\)"):
+        load_dataset(cfg, "segment", 0.5, 32)
+
+
+def test_binary_masks_become_instances(tmp_path):
+    root = tmp_path / "b"
+    (root / "images").mkdir(parents=True)
+    (root / "labels").mkdir()
+    img, lab = blobs(np.random.default_rng(2), n=6, radius=(3, 4))
+    Image.fromarray(img).save(root / "images" / "a.png")
+    Image.fromarray(((lab > 0) * 255).astype(np.uint8)).save(root / "labels" / "a.png")
+    data = load_dataset(DataConfig(kind="nuclei", root=str(root), mpp=0.5, val_fraction=0), "segment", 0.5, 16)
+    from scipy import ndimage
+
+    assert data.train[0].labels.max() == ndimage.label(lab > 0)[1] >= 2
+
+
+def test_tile_datasets_folder_csv_and_errors(tmp_path, tiles_dir):
+    data = load_dataset(DataConfig(kind="folder", root=str(tiles_dir), mpp=0.25, val_fraction=0.25), "classify", 0.5, 16)
+    assert data.classes == ["pink", "purple"] and len(data.train) + len(data.val) == 12
+    assert data.train[0].image.shape == (16, 16, 3)  # 40 px at 0.25 -> 20 px at 0.5, centre crop 16
+    csv = tmp_path / "tiles.csv"
+    csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(tiles_dir.rglob("*.png"))))
+    assert len(load_dataset(DataConfig(kind="csv", root=str(csv), mpp=0.5, val_fraction=0), "classify", 0.5, 16).train) == 12
+    with pytest.raises(DataError, match="label 'pink' is not one of the classes"):
+        load_dataset(DataConfig(kind="csv", root=str(csv), mpp=0.5, classes=["purple", "other"]), "classify", 0.5, 16)
+    empty = _copy_tree(tiles_dir, tmp_path / "t")
+    (empty / "mucus").mkdir()
+    with pytest.raises(DataError, match="mucus: empty class folder"):
+        load_dataset(DataConfig(kind="folder", root=str(empty), mpp=0.5), "classify", 0.5, 16)
+
+
+def test_h5_pairs(tmp_path):
+    import h5py
+
+    rng = np.random.default_rng(0)
+    with h5py.File(tmp_path / "train_x.h5", "w") as f:
+        f["x"] = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
+    with h5py.File(tmp_path / "train_y.h5", "w") as f:
+        f["y"] = np.array([0, 1, 0, 1, 1, 0], np.uint8).reshape(6, 1, 1, 1)
+    data = load_dataset(DataConfig(kind="h5", root=str(tmp_path), mpp=0.972, val_fraction=0), "classify", 0.972, 32)
+    assert [s.label for s in data.train] == [0, 1, 0, 1, 1, 0] and data.classes == ["normal", "tumour"]
+    with h5py.File(tmp_path / "train_y.h5", "w") as f:
+        f["y"] = np.array([0, 1, 0, 1, 7, 0], np.uint8)
+    with pytest.raises(DataError, match="train_y.h5: label 7 out of range"):
+        load_dataset(DataConfig(kind="h5", root=str(tmp_path), mpp=0.972), "classify", 0.972, 32)
+
+
+# --- targets, augmentation, post-processing ---------------------------------------------------------------------
+
+def test_targets_are_exactly_rotation_equivariant():
+    _, lab = blobs(np.random.default_rng(3), size=64)
+    fg, dist = nuclei_targets(lab)
+    assert fg.max() == 1 and np.all(dist[lab == 0] == 0)
+    for v in np.unique(lab)[1:]:
+        assert dist[lab == v].max() == pytest.approx(1.0)  # every nucleus peaks at 1, large or small
+    for k in (1, 2, 3):
+        fg_r, dist_r = nuclei_targets(np.rot90(lab, k))
+        assert np.array_equal(fg_r, np.rot90(fg, k)) and np.allclose(dist_r, np.rot90(dist, k), atol=1e-6)
+    fg_f, dist_f = nuclei_targets(lab[:, ::-1])
+    assert np.allclose(dist_f, dist[:, ::-1], atol=1e-6)
+
+
+def test_augmentation_is_seeded_and_keeps_geometry_off_by_default():
+    img, lab = blobs(np.random.default_rng(4), size=48)
+    fg, dist = nuclei_targets(lab)
+    tgt = np.stack([fg, dist], -1)
+    aug = build_augment(AugmentConfig(hed=1.0, blur=1.0, noise=1.0))
+    a, b = aug(image=img, mask=tgt, seed=5), aug(image=img, mask=tgt, seed=5)
+    assert np.array_equal(a["image"], b["image"]) and not np.array_equal(a["image"], img)
+    assert np.array_equal(a["mask"], tgt)  # colour, blur and noise never move the targets
+    geo = build_augment(AugmentConfig(hed=0, blur=0, noise=0, geometric=True))
+    assert any(not np.array_equal(geo(image=img, mask=tgt, seed=s)["mask"], tgt) for s in range(4))
+    assert build_augment(AugmentConfig(hed=0, blur=0, noise=0)) is None
+
+
+def test_nuclei_crops_are_reproducible(nuclei_dir):
+    data = load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, val_fraction=0), "segment", 0.5, 32)
+    ds = NucleiCrops(data.train, 32, 10, build_augment(AugmentConfig()), seed=1)
+    ds.set_epoch(3)
+    x1, y1 = ds[7]
+    x2, y2 = ds[7]
+    ds.set_epoch(4)
+    x3, _ = ds[7]
+    assert x1.shape == (3, 32, 32) and y1.shape == (2, 32, 32)
+    assert torch.equal(x1, x2) and torch.equal(y1, y2) and not torch.equal(x1, x3)
+
+
+def test_watershed_separates_touching_nuclei_and_rotates_with_the_image():
+    _, lab = blobs(np.random.default_rng(5), size=80, n=12)
+    fg, dist = nuclei_targets(lab)
+    pred = instances_from_maps(fg, dist, PostProcess(marker_h=0.1, min_area_px=0))
+    assert aji(lab, pred) > 0.9 and pred.max() >= lab.max() - 1
+    merged = instances_from_maps(fg, None)  # without the distance map, touching nuclei merge
+    assert merged.max() < pred.max()
+    for k in (1, 2, 3):
+        rot = instances_from_maps(np.rot90(fg, k), np.rot90(dist, k), PostProcess(marker_h=0.1, min_area_px=0))
+        assert aji(np.rot90(pred, k), rot) == pytest.approx(1.0)
+
+
+@pytest.mark.parametrize("bad", [{"fg_threshold": 1.0}, {"marker_h": 0}, {"min_area_px": -1}, {"fg_threshold": True}])
+def test_postprocess_rejects_bad_values(bad):
+    with pytest.raises(ValueError, match=next(iter(bad))):
+        PostProcess(**bad)
+
+
+# --- metrics -----------------------------------------------------------------------------------------------------
+
+def test_aji_and_pq_by_hand():
+    gt = np.zeros((10, 10), np.int32)
+    gt[0:4, 0:4] = 1  # 16 px
+    gt[6:10, 6:10] = 2  # 16 px
+    pred = np.zeros_like(gt)
+    pred[0:4, 0:2] = 1  # 8 px inside gt 1: IoU 0.5 (not > 0.5: no PQ match)
+    pred[6:10, 6:10] = 2  # exact
+    pred[0:2, 8:10] = 3  # a false positive of 4 px
+    assert aji(gt, pred) == pytest.approx((8 + 16) / (16 + 16 + 4))
+    pq = panoptic_quality(gt, pred)
+    assert (pq["tp"], pq["fp"], pq["fn"]) == (1, 2, 1)
+    assert pq["pq"] == pytest.approx(1.0 / (1 + 0.5 * 2 + 0.5 * 1))
+    assert aji(gt, gt) == 1.0 and aji(gt, np.zeros_like(gt)) == 0.0
+    with pytest.raises(ValueError, match="shapes differ"):
+        aji(gt, gt[:5])
+
+
+def test_panoptic_quality_matches_monai():
+    from monai.metrics import compute_panoptic_quality
+
+    _, gt = blobs(np.random.default_rng(6), size=80, n=15)
+    for shift in (0, 1, 2, 3):
+        pred = np.roll(gt, shift, axis=1)
+        pred = np.where(pred % 5 == 2, 0, pred)
+        ours = panoptic_quality(gt, pred)["pq"]
+        theirs = float(compute_panoptic_quality(torch.from_numpy(pred), torch.from_numpy(gt), smooth_numerator=0))
+        assert ours == pytest.approx(theirs, abs=1e-6)
+
+
+def test_segmentation_scores_inside_a_mask():
+    _, gt = blobs(np.random.default_rng(7), size=64)
+    half = np.zeros(gt.shape, bool)
+    half[:, :32] = True
+    pred = np.where(half, gt, 0)  # perfect on the left half, nothing on the right
+    assert segmentation_scores(gt, pred, half)["dice"] == pytest.approx(1.0)
+    assert segmentation_scores(gt, pred)["dice"] < 0.9
+
+
+def test_classification_scores():
+    labels = np.array([0, 0, 0, 1])
+    probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
+    s = classification_scores(probs, labels, 2)
+    assert s["accuracy"] == 0.75 and s["balanced_accuracy"] == pytest.approx((2 / 3 + 1) / 2)
+    assert s["auc"] == pytest.approx(1.0)
+
+
+# --- training loop -----------------------------------------------------------------------------------------------
+
+def test_train_writes_checkpoints_the_pipeline_loads_and_resumes_exactly(tmp_path, nuclei_dir):
+    from training.loop import train
+
+    path = write_cfg(tmp_path)
+    cfg = load_train_config(path, {"data": {"root": str(nuclei_dir)}})
+    summary = train(cfg, log=lambda s: None)
+    out = Path(cfg.out)
+    history = json.loads((out / "metrics.json").read_text())
+    assert [r["epoch"] for r in history] == [1, 2] and {"val_dice", "val_aji", "val_pq", "val_dice_45"} <= set(history[0])
+    assert (out / "metrics.csv").read_text().count("\n") == 3
+    loaded = load_model(ModelSpec(task="segment", model=str(out / "best.pt"), classes=["nucleus"]))
+    assert loaded.trained and loaded.meta["task"] == "segment" and loaded.meta["dataset_digest"] == summary["digest"]
+    assert loaded.spec.mpp == 0.5 and summary["postprocess"]["fg_threshold"] == loaded.meta["postprocess"]["fg_threshold"]
+    tuning = loaded.meta["postprocess_tuning"]  # tuned on the run's own validation images
+    assert len(tuning) == 18 and max(r["val_aji"] for r in tuning) == summary["postprocess"]["val_aji"]
+    assert sorted(loaded.meta["val_images"]) and not set(loaded.meta["val_images"]) & set(loaded.meta["train_images"])
+    final = torch.load(out / "last.pt", weights_only=True)["model"]
+    # a run killed after epoch 1 and resumed ends exactly where the uninterrupted one did
+    cfg1 = load_train_config(path, {"data": {"root": str(nuclei_dir)}, "out": str(tmp_path / "split")})
+
+    def kill_in_epoch_2(step, total, info):
+        if info["epoch"] == 2:
+            raise KeyboardInterrupt
+
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg1, log=lambda s: None, progress=kill_in_epoch_2)
+    state = torch.load(tmp_path / "split" / "last.pt", weights_only=True)
+    assert state["epoch"] == 0
+    train(cfg1, resume=True, log=lambda s: None)
+    resumed = torch.load(tmp_path / "split" / "last.pt", weights_only=True)["model"]
+    assert all(torch.equal(final[k], resumed[k]) for k in final)
+    other = load_train_config(path, {"data": {"root": str(nuclei_dir)}, "out": str(tmp_path / "split"), "tile_px": 16})
+    with pytest.raises(ValueError, match="different training config .*tile_px"):
+        train(other, resume=True, log=lambda s: None)
+
+
+def test_ddp_two_processes_gloo(tmp_path, nuclei_dir):
+    path = write_cfg(tmp_path, epochs=1, samples_per_epoch=8, val_angles=[])
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "training",
+           str(path), "--set", f"data.root={nuclei_dir}", "--device", "cpu"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = tmp_path / "run"
+    history = json.loads((out / "metrics.json").read_text())
+    assert len(history) == 1 and (out / "best.pt").is_file()
+
+
+def test_train_cli_bad_config_is_one_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from pipeline.cli import app
+
+    path = write_cfg(tmp_path, epochs=-1)
+    result = CliRunner().invoke(app, ["train", str(path), "--set", f"data.root={tmp_path}"])
+    assert result.exit_code == 1
+    assert "epochs must be a positive int" in result.output and "Traceback" not in result.output
+
+
+# --- evaluation ----------------------------------------------------------------------------------------------------
+
+def test_classifier_training_and_rotation_evaluation(tmp_path, tiles_dir):
+    from training.evaluate import evaluate
+    from training.loop import train
+
+    path = write_cfg(tmp_path, task="classify", model="gmr_resnet18", tile_px=16, epochs=2, select="val_accuracy",
+                     model_kwargs={"base_channels": 4, "kernel_sizes": [5, 3, 3, 3]}, val_angles=[],
+                     optim={"name": "sgd", "lr": 0.02},
+                     data={"kind": "folder", "root": str(tiles_dir), "mpp": 0.25, "val_fraction": 0.34})
+    cfg = load_train_config(path)
+    train(cfg, log=lambda s: None)
+    report = evaluate([str(Path(cfg.out) / "best.pt")], cfg.data, tmp_path / "eval", split="val", log=lambda s: None)
+    r = next(iter(report["models"].values()))
+    per = r["balanced_accuracy_per_angle"]
+    assert len(per) == 36
+    # a GMR classifier is exactly invariant to 90-degree rotations and flips: the same calls, the same scores
+    assert per[90.0] == per[180.0] == per[270.0] == per[0.0] == r["balanced_accuracy_upright"]
+    assert set(r["accuracy_flips"].values()) == {r["accuracy_upright"]}
+    rows = (tmp_path / "eval" / "evaluation.csv").read_text().splitlines()
+    assert len(rows) == 1 + 36 + 2 and (tmp_path / "eval" / "polar.png").stat().st_size > 1000
+
+
+def test_segmentation_evaluation_side_by_side_with_classical(tmp_path, nuclei_dir):
+    from training.evaluate import evaluate
+    from training.loop import train
+
+    cfg = load_train_config(write_cfg(tmp_path, epochs=1, val_angles=[]), {"data": {"root": str(nuclei_dir)}})
+    train(cfg, log=lambda s: None)
+    ckpt = str(Path(cfg.out) / "best.pt")
+    report = evaluate([ckpt, "classical"], cfg.data, tmp_path / "eval", angles=[0, 90, 45], split="val", log=lambda s: None)
+    gmr, classical = report["models"][ckpt], report["models"]["classical"]
+    assert set(gmr["dice_per_angle"]) == {0.0, 45.0, 90.0}
+    assert gmr["dice_per_angle"][90.0] == pytest.approx(gmr["dice_per_angle"][0.0], abs=1e-9)  # exact for GMR
+    assert classical["dice_upright"] > 0.8  # dark discs on pink: deconvolution + Otsu finds them
+    from pipeline.models import ModelError
+
+    with pytest.raises(ModelError, match="cannot classify"):
+        evaluate(["classical"], DataConfig(kind="folder", root=str(tmp_path)), tmp_path / "x")
+
+
+def test_classical_baseline_on_real_monuseg():
+    image = SHARED_DATA / "nuclei" / "monuseg2018" / "images" / "TCGA-21-5784-01Z-00-DX1.png"
+    if not image.is_file():
+        pytest.skip("needs ../shared/data/nuclei/monuseg2018")
+    import tifffile
+
+    from training.classical import classical_nuclei
+
+    img = np.asarray(Image.open(image).convert("RGB"))[:400, :400]
+    gt = tifffile.imread(image.parents[1] / "labels" / f"{image.stem}.tif")[:400, :400]
+    scores = segmentation_scores(gt, classical_nuclei(img, 0.25))
+    assert scores["dice"] > 0.6 and scores["aji"] > 0.3
+
+
+def test_checkpoint_must_fit_the_config(tmp_path):
+    from gmr_models import create_model
+    from pipeline.models import ModelError, save_checkpoint
+
+    net = create_model("gmr_resnet18", num_classes=2, base_channels=4, kernel_sizes=[3, 3, 3, 3])
+    path = save_checkpoint(net, tmp_path / "two.pt", "gmr_resnet18", {"num_classes": 2, "base_channels": 4, "kernel_sizes": [3, 3, 3, 3]},
+                           ["normal", "tumour"], 96, 0.972, meta={"task": "classify"})
+    nct = ModelSpec(model=str(path))  # the nct_crc defaults: 9 classes, 224 px, 0.5 mpp
+    with pytest.raises(ModelError, match=r"two.pt: the checkpoint was trained with classes \['normal', 'tumour'\].*mpp 0.972.*tile_px 96"):
+        load_model(nct)
+    assert load_model(ModelSpec(model=str(path), classes=["normal", "tumour"], tile_px=96, mpp=0.972)).trained
+    with pytest.raises(ModelError, match="a classify checkpoint cannot be used to segment"):
+        load_model(ModelSpec(task="segment", model=str(path), classes=["nucleus"]))
+    bad = save_checkpoint(net, tmp_path / "bad.pt", "gmr_resnet18", {"num_classes": 2, "base_channels": 4, "kernel_sizes": [3, 3, 3, 3]},
+                          ["a", "b", "c"], 96, 0.5)
+    with pytest.raises(ModelError, match="head has 2 outputs but names 3 classes"):
+        load_model(ModelSpec(model=str(bad), classes=["a", "b", "c"], tile_px=96))
+
+
+def test_segment_maps_turn_exactly_with_the_image_when_padded():
+    from gmr_models import create_model
+    from pipeline.infer import segment_maps
+
+    net = create_model("gmr_unet", out_channels=2, **TINY_UNET).eval()
+    img = np.random.default_rng(0).integers(0, 255, (50, 62, 3), dtype=np.uint8)  # padded to 56 x 64 (even pads)
+    maps = segment_maps(net, img, (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), multiple=8)
+    assert maps.shape == (2, 50, 62)
+    for k in (1, 2, 3):
+        rot = segment_maps(net, np.ascontiguousarray(np.rot90(img, k)), (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), multiple=8)
+        assert np.allclose(rot, np.rot90(maps, k, axes=(1, 2)), atol=1e-5)

@@ -1,0 +1,422 @@
+"""Labelled datasets: nuclei image/mask pairs and classified tiles, resampled to the model's mpp.
+
+Readers: ``nuclei`` (``images/<name>.png|tif`` + ``labels/<name>.tif|png``: instance masks,
+or 0/1 masks, which are split into connected components), ``folder`` (one folder per class),
+``csv`` (``path,label``), ``h5`` (PCam ``*_x.h5`` / ``*_y.h5``). Every image is resampled
+from the dataset's mpp to the model's, so training sees tissue at the scale slide inference
+does. Splits are by whole image (or patient group), never by crop. A file that cannot be
+read, an empty class folder, an image/mask size mismatch or a label out of range raises
+:class:`DataError` naming the file, unless ``skip_bad`` is set, which collects them instead.
+
+Example:
+    >>> import numpy as np
+    >>> resample_image(np.zeros((100, 80, 3), np.uint8), 0.25, 0.5).shape
+    (50, 40, 3)
+"""
+
+from __future__ import annotations
+
+import csv
+import hashlib
+import random
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from .config import DataConfig
+from .targets import nuclei_targets, resize_labels
+
+__all__ = ["DataError", "Sample", "LoadedData", "load_dataset", "resample_image", "split_names",
+           "NucleiCrops", "TileSamples", "IMAGE_EXTENSIONS"]
+
+IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
+
+
+class DataError(ValueError):
+    """A dataset file cannot be used; the message names it."""
+
+
+@dataclass
+class Sample:
+    """One image at the model's mpp: ``image`` (H, W, 3) uint8; for nuclei ``labels`` (H, W)
+    int32 and the native-resolution originals for scoring; for tiles ``label`` (int)."""
+
+    name: str
+    image: np.ndarray
+    group: str
+    labels: Optional[np.ndarray] = None
+    label: int = -1
+    native_image: Optional[np.ndarray] = None
+    native_labels: Optional[np.ndarray] = None
+    native_mpp: float = 0.0
+
+
+@dataclass
+class LoadedData:
+    train: list
+    val: list
+    classes: list
+    digest: str
+    skipped: list = field(default_factory=list)
+
+
+def read_image(path: Path) -> np.ndarray:
+    """An RGB uint8 image (alpha dropped, grey expanded); DataError naming the file otherwise."""
+    import tifffile
+    from PIL import Image
+
+    try:
+        if path.suffix.lower() in (".tif", ".tiff"):
+            arr = np.asarray(tifffile.imread(path))
+        else:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB") if im.mode not in ("RGB", "L", "I;16", "I") else im)
+    except Exception as err:  # noqa: BLE001 - any decoder failure is the file's problem
+        raise DataError(f"{path}: cannot decode image ({type(err).__name__}: {err})") from None
+    if arr.ndim == 2:
+        arr = np.repeat(arr[..., None], 3, axis=2)
+    if arr.ndim != 3 or arr.shape[2] not in (3, 4):
+        raise DataError(f"{path}: expected an RGB image, got shape {arr.shape}")
+    arr = arr[..., :3]
+    if arr.dtype != np.uint8:
+        if arr.max() > 255:
+            raise DataError(f"{path}: expected 8-bit RGB, got {arr.dtype} with values up to {arr.max()}")
+        arr = arr.astype(np.uint8)
+    return np.ascontiguousarray(arr)
+
+
+def read_mask(path: Path) -> np.ndarray:
+    """An instance mask (0 background, 1..N); a 0/1 (or 0/255) mask becomes connected components."""
+    import tifffile
+    from PIL import Image
+    from scipy import ndimage
+
+    try:
+        arr = np.asarray(tifffile.imread(path)) if path.suffix.lower() in (".tif", ".tiff") else np.asarray(Image.open(path))
+    except Exception as err:  # noqa: BLE001
+        raise DataError(f"{path}: cannot decode mask ({type(err).__name__}: {err})") from None
+    if arr.ndim == 3:
+        arr = arr[..., 0]
+    if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0:
+        raise DataError(f"{path}: expected a 2D non-negative integer mask, got {arr.dtype} {arr.shape}")
+    values = np.unique(arr)
+    if values.size <= 2 and values.max() in (1, 255):  # binary: all that some datasets have
+        arr, _ = ndimage.label(arr > 0)
+    return arr.astype(np.int32)
+
+
+def resample_image(image: np.ndarray, from_mpp: float, to_mpp: float) -> np.ndarray:
+    """Resize an image from ``from_mpp`` to ``to_mpp`` (area averaging when shrinking).
+
+    Shape:
+        ``(H, W, C) -> (round(H * from/to), round(W * from/to), C)``.
+    """
+    import cv2
+
+    f = from_mpp / to_mpp
+    if abs(f - 1) < 1e-3:
+        return image
+    h, w = image.shape[:2]
+    size = (max(1, round(w * f)), max(1, round(h * f)))
+    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+
+
+def _mpp_table(cfg: DataConfig) -> dict[str, float]:
+    if cfg.mpp_csv is None:
+        return {}
+    table = {}
+    with open(cfg.mpp_csv, newline="") as fh:
+        for row in csv.DictReader(fh):
+            key = row.get("image") or row.get("name") or row.get("slide")
+            value = row.get("mpp") or row.get("mpp_nominal")
+            if key is None or value is None:
+                raise DataError(f"{cfg.mpp_csv}: needs columns image and mpp (or mpp_nominal)")
+            table[Path(key).stem] = float(value)
+    return table
+
+
+def _image_mpp(cfg: DataConfig, table: dict, name: str, path: Path) -> float:
+    if name in table:
+        return table[name]
+    if cfg.mpp is None:
+        raise DataError(f"{path}: no mpp for {name!r} in {cfg.mpp_csv}")
+    return float(cfg.mpp)
+
+
+def split_names(names: list[str], groups: dict[str, str], cfg: DataConfig) -> tuple[set, set]:
+    """Train and validation names: whole images (or whole patient groups) on one side.
+
+    From ``cfg.split_csv`` (``image,split``) when given, else ``cfg.val_fraction`` of the
+    groups drawn with ``cfg.seed``.
+    """
+    if cfg.split_csv is not None:
+        table = {}
+        with open(cfg.split_csv, newline="") as fh:
+            for row in csv.DictReader(fh):
+                if row.get("split") not in ("train", "val"):
+                    raise DataError(f"{cfg.split_csv}: split must be 'train' or 'val', got {row.get('split')!r} for {row.get('image')!r}")
+                table[Path(row["image"]).stem] = row["split"]
+        missing = [n for n in names if n not in table]
+        if missing:
+            raise DataError(f"{cfg.split_csv}: no split for {len(missing)} image(s), first {missing[0]!r}")
+        val = {n for n in names if table[n] == "val"}
+    elif cfg.folds:
+        uniq = sorted(set(groups[n] for n in names))
+        random.Random(cfg.seed).shuffle(uniq)
+        val_groups = set(uniq[cfg.fold:: cfg.folds])
+        val = {n for n in names if groups[n] in val_groups}
+    else:
+        uniq = sorted(set(groups[n] for n in names))
+        random.Random(cfg.seed).shuffle(uniq)
+        n_val = round(len(uniq) * cfg.val_fraction)
+        if cfg.val_fraction > 0 and n_val == 0 and len(uniq) > 1:
+            n_val = 1
+        val_groups = set(uniq[:n_val])
+        val = {n for n in names if groups[n] in val_groups}
+    return set(names) - val, val
+
+
+def _group(cfg: DataConfig, name: str) -> str:
+    if cfg.group_regex:
+        m = re.search(cfg.group_regex, name)
+        if m and m.groups():
+            return m.group(1)
+    return name
+
+
+def _digest(paths: list[Path]) -> str:
+    h = hashlib.sha256()
+    for p in sorted(paths):
+        h.update(p.name.encode())
+        h.update(hashlib.md5(p.read_bytes()).digest())
+    return h.hexdigest()[:16]
+
+
+def _load_nuclei(cfg: DataConfig, model_mpp: float, skip_bad: bool) -> tuple[list[Sample], list[str], list[Path]]:
+    root = Path(cfg.root)
+    img_dir, lab_dir = root / cfg.images, root / cfg.labels
+    for d in (img_dir, lab_dir):
+        if not d.is_dir():
+            raise DataError(f"{d}: folder not found (data.kind nuclei expects {cfg.images}/ and {cfg.labels}/ under {root})")
+    images = sorted(p for p in img_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+    if not images:
+        raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
+    masks = {p.stem: p for p in lab_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
+    table = _mpp_table(cfg)
+    samples, skipped, used = [], [], []
+    for path in images:
+        try:
+            if path.stem not in masks:
+                raise DataError(f"{path}: no mask named {path.stem}.* in {lab_dir}")
+            image, labels = read_image(path), read_mask(masks[path.stem])
+            if image.shape[:2] != labels.shape:
+                raise DataError(f"{masks[path.stem]}: mask size {labels.shape} differs from image size {image.shape[:2]} ({path.name})")
+            mpp = _image_mpp(cfg, table, path.stem, path)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(str(err))
+            continue
+        small = resample_image(image, mpp, model_mpp)
+        samples.append(Sample(path.stem, small, _group(cfg, path.stem), labels=resize_labels(labels, small.shape[:2]),
+                              native_image=image, native_labels=labels, native_mpp=mpp))
+        used += [path, masks[path.stem]]
+    return samples, skipped, used
+
+
+def _tile_rows(cfg: DataConfig) -> tuple[list[tuple[Path, str]], list[str]]:
+    root = Path(cfg.root)
+    if cfg.kind == "folder":
+        folders = sorted(p for p in root.iterdir() if p.is_dir())
+        if not folders:
+            raise DataError(f"{root}: no class folders")
+        rows = []
+        for folder in folders:
+            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
+            if not files:
+                raise DataError(f"{folder}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} files)")
+            rows += [(p, folder.name) for p in files]
+        return rows, [f.name for f in folders]
+    rows = []
+    with open(root, newline="") as fh:
+        for i, row in enumerate(csv.DictReader(fh), start=2):
+            if not row.get("path") or row.get("label") in (None, ""):
+                raise DataError(f"{root}: line {i} needs columns path and label")
+            p = Path(row["path"])
+            rows.append((p if p.is_absolute() else root.parent / p, row["label"]))
+    if not rows:
+        raise DataError(f"{root}: no rows")
+    return rows, sorted({label for _, label in rows})
+
+
+def _load_tiles(cfg: DataConfig, model_mpp: float, tile_px: int, skip_bad: bool):
+    if cfg.kind == "h5":
+        return _load_h5(cfg, model_mpp, tile_px)
+    rows, found = _tile_rows(cfg)
+    classes = list(cfg.classes) if cfg.classes else found
+    index = {c: i for i, c in enumerate(classes)}
+    table = _mpp_table(cfg)
+    samples, skipped, used = [], [], []
+    for path, label in rows:
+        try:
+            if label not in index:
+                raise DataError(f"{path}: label {label!r} is not one of the classes {classes}")
+            image = read_image(path)
+            mpp = _image_mpp(cfg, table, path.stem, path)
+        except DataError as err:
+            if not skip_bad:
+                raise
+            skipped.append(str(err))
+            continue
+        samples.append(Sample(f"{label}/{path.stem}", _fit(resample_image(image, mpp, model_mpp), tile_px), _group(cfg, path.stem),
+                              label=index[label]))
+        used.append(path)
+    return samples, skipped, used, classes
+
+
+def _fit(image: np.ndarray, tile_px: int) -> np.ndarray:
+    """Centre crop (or reflect-pad) to ``tile_px`` square: the scale is kept, never stretched."""
+    h, w = image.shape[:2]
+    if h < tile_px or w < tile_px:
+        ph, pw = max(0, tile_px - h), max(0, tile_px - w)
+        image = np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
+        h, w = image.shape[:2]
+    y, x = (h - tile_px) // 2, (w - tile_px) // 2
+    return np.ascontiguousarray(image[y: y + tile_px, x: x + tile_px])
+
+
+def _load_h5(cfg: DataConfig, model_mpp: float, tile_px: int):
+    import h5py
+
+    root = Path(cfg.root)
+    pairs = sorted(root.glob("*_x.h5"))
+    if not pairs:
+        raise DataError(f"{root}: no *_x.h5 files")
+    classes = list(cfg.classes) if cfg.classes else ["normal", "tumour"]
+    samples, used = [], []
+    for xp in pairs:
+        yp = xp.with_name(xp.name[: -len("_x.h5")] + "_y.h5")
+        if not yp.is_file():
+            raise DataError(f"{xp}: no matching {yp.name}")
+        try:
+            with h5py.File(xp, "r") as fx, h5py.File(yp, "r") as fy:
+                x, y = np.asarray(fx["x"]), np.asarray(fy["y"]).reshape(-1)
+        except Exception as err:  # noqa: BLE001
+            raise DataError(f"{xp}: cannot read the 'x'/'y' datasets ({type(err).__name__}: {err})") from None
+        if len(x) != len(y):
+            raise DataError(f"{yp}: {len(y)} labels for {len(x)} images in {xp.name}")
+        if y.min() < 0 or y.max() >= len(classes):
+            raise DataError(f"{yp}: label {int(y.max() if y.max() >= len(classes) else y.min())} out of range for {len(classes)} classes")
+        samples += [Sample(f"{xp.stem}/{i}", _fit(resample_image(x[i], cfg.mpp, model_mpp), tile_px), f"{xp.stem}/{i}",
+                           label=int(y[i])) for i in range(len(x))]
+        used += [xp, yp]
+    return samples, [], used, classes
+
+
+def load_dataset(cfg: DataConfig, task: str, model_mpp: float, tile_px: int, skip_bad: bool = False) -> LoadedData:
+    """Read, resample and split a dataset.
+
+    Raises:
+        DataError: naming the first bad file (unless ``skip_bad``), or when nothing is left.
+    """
+    if task == "segment":
+        if cfg.kind != "nuclei":
+            raise DataError(f"{cfg.root}: task segment needs data.kind nuclei, got {cfg.kind!r}")
+        samples, skipped, used = _load_nuclei(cfg, model_mpp, skip_bad)
+        classes = ["nucleus"]
+    else:
+        if cfg.kind == "nuclei":
+            raise DataError(f"{cfg.root}: task classify needs data.kind folder, csv or h5")
+        samples, skipped, used, classes = _load_tiles(cfg, model_mpp, tile_px, skip_bad)
+    if not samples:
+        raise DataError(f"{cfg.root}: no usable samples" + (f" ({len(skipped)} skipped)" if skipped else ""))
+    train, val = split_names([s.name for s in samples], {s.name: s.group for s in samples}, cfg)
+    return LoadedData([s for s in samples if s.name in train], [s for s in samples if s.name in val], classes,
+                      _digest(used), skipped)
+
+
+class NucleiCrops(Dataset):
+    """Random ``tile_px`` crops of nuclei images with their targets, drawn reproducibly.
+
+    Item ``i`` of epoch ``e`` comes from ``seed``, ``e`` and ``i`` alone (not from the worker
+    that makes it), so a run is reproducible and resumes mid-way with the same crops.
+
+    Shape:
+        item -> image ``(3, tile_px, tile_px)`` float32 normalised, targets ``(2, tile_px, tile_px)``
+        (foreground, normalised distance).
+    """
+
+    def __init__(self, samples: list[Sample], tile_px: int, length: int, augment=None, seed: int = 0,
+                 mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> None:
+        if not samples:
+            raise ValueError("NucleiCrops needs at least one sample")
+        self.images, self.targets = [], []
+        for s in samples:
+            img, fg_dist = _pad_to(s.image, tile_px), None
+            fg, dist = nuclei_targets(_pad_to(s.labels, tile_px))
+            fg_dist = np.stack([fg, dist], axis=-1)
+            self.images.append(img)
+            self.targets.append(fg_dist)
+        areas = np.array([im.shape[0] * im.shape[1] for im in self.images], float)
+        self.weights = areas / areas.sum()
+        self.tile_px, self.length, self.augment, self.seed, self.epoch = tile_px, length, augment, seed, 0
+        self.mean, self.std = np.array(mean, np.float32), np.array(std, np.float32)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, i: int):
+        rng = np.random.default_rng([self.seed, self.epoch, i])
+        k = rng.choice(len(self.images), p=self.weights)
+        img, tgt = self.images[k], self.targets[k]
+        t = self.tile_px
+        y, x = rng.integers(0, img.shape[0] - t + 1), rng.integers(0, img.shape[1] - t + 1)
+        img, tgt = img[y: y + t, x: x + t], tgt[y: y + t, x: x + t]
+        if self.augment is not None:
+            out = self.augment(image=img, mask=tgt, seed=int(rng.integers(2**31)))
+            img, tgt = out["image"], out["mask"]
+        x = (img.astype(np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.from_numpy(np.ascontiguousarray(tgt.transpose(2, 0, 1)))
+
+
+class TileSamples(Dataset):
+    """Classified tiles (already at the model's mpp and size) with optional augmentation.
+
+    Shape:
+        item -> image ``(3, tile_px, tile_px)`` float32 normalised, label ``()`` int64.
+    """
+
+    def __init__(self, samples: list[Sample], augment=None, seed: int = 0, mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> None:
+        self.samples, self.augment, self.seed, self.epoch = samples, augment, seed, 0
+        self.mean, self.std = np.array(mean, np.float32), np.array(std, np.float32)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, i: int):
+        s = self.samples[i]
+        img = s.image
+        if self.augment is not None:
+            img = self.augment(image=img, seed=int(np.random.default_rng([self.seed, self.epoch, i]).integers(2**31)))["image"]
+        x = (img.astype(np.float32) / 255.0 - self.mean) / self.std
+        return torch.from_numpy(np.ascontiguousarray(x.transpose(2, 0, 1))), torch.tensor(s.label, dtype=torch.long)
+
+
+def _pad_to(arr: np.ndarray, size: int) -> np.ndarray:
+    h, w = arr.shape[:2]
+    ph, pw = max(0, size - h), max(0, size - w)
+    if not ph and not pw:
+        return arr
+    pad = ((0, ph), (0, pw)) + ((0, 0),) * (arr.ndim - 2)
+    return np.pad(arr, pad, mode="reflect" if arr.ndim == 3 else "constant")

@@ -1,0 +1,224 @@
+"""Evaluation by the paper's protocol: upright, at many rotations, and under flips.
+
+Classification: accuracy, balanced accuracy (and AUC for two classes) on upright tiles, at
+every angle of ``angles`` (default 36 rotations in 10-degree steps: per angle, mean and
+standard deviation) and under horizontal and vertical flips. Segmentation: Dice, AJI and PQ
+on the whole upright image, and at every angle inside the central disc (the image is
+rotated, segmented, the maps rotated back; the disc is inside the image at every angle, so
+the angles are compared on the same tissue). Any number of checkpoints side by side; the
+name ``classical`` stands for the colour-deconvolution baseline. Writes ``evaluation.json``,
+``evaluation.csv`` (one row per model, image or set, and angle) and ``polar.png``.
+
+Example::
+
+    from training.evaluate import evaluate
+    evaluate(["models/nuclei_gmr_unet.pt", "classical"], data_cfg, "results/eval/monuseg_val")
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable, Optional, Sequence
+
+import numpy as np
+import torch
+
+from pipeline.instances import PostProcess
+from pipeline.models import ModelError, load_model
+from pipeline.config import ModelSpec
+
+from .config import DataConfig
+from .datasets import load_dataset
+from .metrics import classification_scores, segmentation_scores
+
+__all__ = ["evaluate", "rotate_tile", "CLASSICAL"]
+
+CLASSICAL = "classical"
+
+
+def rotate_tile(image: np.ndarray, angle: float) -> np.ndarray:
+    """A tile rotated by ``angle`` degrees (counter-clockwise) about its centre, borders
+    reflected; multiples of 90 are exact pixel permutations.
+
+    Shape:
+        ``(H, W, C) -> (H, W, C)``.
+    """
+    import cv2
+
+    a = angle % 360
+    if a % 90 == 0:
+        return np.ascontiguousarray(np.rot90(image, int(a // 90)))
+    h, w = image.shape[:2]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), a, 1.0)
+    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+
+
+def _load(name: str, task: str):
+    if name == CLASSICAL:
+        if task != "segment":
+            raise ModelError("the classical baseline segments nuclei; it cannot classify tiles")
+        return None
+    loaded = load_model(ModelSpec(task=task, model=name, classes=["x"]), check=False)
+    if loaded.meta.get("task", task) != task:
+        raise ModelError(f"{name}: a {loaded.meta.get('task')} checkpoint cannot be evaluated on {task} data")
+    return loaded
+
+
+def _classify(loaded, samples, angles, device, batch_size: int = 32) -> list[dict]:
+    from pipeline.infer import predict_batch
+
+    n_classes = len(loaded.spec.classes)
+    labels = np.array([s.label for s in samples])
+    if labels.max() >= n_classes:
+        raise ModelError(f"{loaded.spec.model}: has {n_classes} classes; the data has label {labels.max()}")
+    if any(s.image.shape[0] != loaded.spec.tile_px for s in samples):
+        raise ModelError(f"{loaded.spec.model}: expects {loaded.spec.tile_px} px tiles; the data is loaded at another size")
+    views = [("angle", float(a), lambda im, a=a: rotate_tile(im, a)) for a in angles]
+    views += [("flip", "horizontal", lambda im: np.ascontiguousarray(im[:, ::-1])),
+              ("flip", "vertical", lambda im: np.ascontiguousarray(im[::-1]))]
+    rows = []
+    for kind, value, fn in views:
+        probs = []
+        for i in range(0, len(samples), batch_size):
+            tiles = torch.from_numpy(np.stack([fn(s.image) for s in samples[i: i + batch_size]]))
+            probs.append(predict_batch(loaded, tiles, device, "none", True).numpy())
+        rows.append({"view": kind, "value": value, **classification_scores(np.concatenate(probs), labels, n_classes)})
+    return rows
+
+
+def _segment(loaded, samples, angles, device) -> list[dict]:
+    from .classical import classical_nuclei
+    from .loop import central_disc, evaluate_nuclei_image
+
+    post = PostProcess(**loaded.meta.get("postprocess", {})) if loaded is not None else None
+    rows = []
+    for s in samples:
+        for angle in [0.0] + [float(a) for a in angles if a % 360]:
+            if loaded is None:
+                img = s.native_image if angle == 0 else _rot_native(s.native_image, angle)
+                labels = classical_nuclei(img, s.native_mpp)
+                if angle:
+                    labels = _rot_native(labels, -angle, nearest=True)
+                valid = central_disc(s.native_labels.shape)
+            else:
+                labels, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle)
+            if angle == 0:
+                rows.append({"image": s.name, "view": "upright", "value": 0.0, **segmentation_scores(s.native_labels, labels)})
+            rows.append({"image": s.name, "view": "angle", "value": angle, **segmentation_scores(s.native_labels, labels, valid)})
+    return rows
+
+
+def _rot_native(arr: np.ndarray, angle: float, nearest: bool = False) -> np.ndarray:
+    import cv2
+
+    h, w = arr.shape[:2]
+    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+    src = arr.astype(np.float32) if nearest else arr
+    out = cv2.warpAffine(src, m, (w, h), flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
+                         borderMode=cv2.BORDER_CONSTANT if nearest else cv2.BORDER_REFLECT_101)
+    return out.astype(arr.dtype)
+
+
+def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:
+    out = {}
+    upright = [r for r in rows if r["view"] == "upright"] or [r for r in rows if r["view"] == "angle" and r["value"] == 0]
+    for m in metrics:
+        out[f"{m}_upright"] = float(np.mean([r[m] for r in upright]))
+        by_angle = {}
+        for r in rows:
+            if r["view"] == "angle":
+                by_angle.setdefault(r["value"], []).append(r[m])
+        per_angle = {a: float(np.mean(v)) for a, v in sorted(by_angle.items())}
+        vals = np.array(list(per_angle.values()))
+        out[f"{m}_per_angle"] = per_angle
+        out[f"{m}_rotated_mean"] = float(vals.mean())
+        out[f"{m}_rotated_std"] = float(vals.std())
+        out[f"{m}_rotated_min"] = float(vals.min())
+        flips = [r[m] for r in rows if r["view"] == "flip"]
+        if flips:
+            out[f"{m}_flips"] = {r["value"]: r[m] for r in rows if r["view"] == "flip"}
+    return out
+
+
+def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task: Optional[str] = None,
+             angles: Optional[Sequence[float]] = None, split: str = "all", device: str = "auto",
+             log: Callable[[str], None] = print) -> dict:
+    """Score checkpoints (and/or ``classical``) on a dataset, upright and rotated.
+
+    Args:
+        models: checkpoint paths, or ``classical``.
+        data_cfg: the dataset (``kind``, ``root``, ``mpp``...); with ``split`` ``val`` or
+            ``train`` only that side of its split is scored, with ``all`` every image.
+        out: folder for ``evaluation.json``, ``evaluation.csv`` and ``polar.png``.
+        angles: degrees; default every 10 (classify) or 30 (segment) from 0 to 350.
+
+    Raises:
+        ModelError: a checkpoint that cannot be read or does not fit the data.
+        DataError: a bad dataset file.
+    """
+    from pipeline.infer import prepare_model
+    from pipeline.runtime import resolve_device
+
+    if not models:
+        raise ValueError("name at least one checkpoint (or 'classical') to evaluate")
+    task = task or ("segment" if data_cfg.kind == "nuclei" else "classify")
+    dev = resolve_device(device)
+    loaded = {name: _load(name, task) for name in models}
+    first = next((m for m in loaded.values() if m is not None), None)
+    mpp = first.spec.mpp if first else 0.5
+    tile_px = first.spec.tile_px if first else 256
+    if any(m is not None and (m.spec.mpp, m.spec.tile_px) != (mpp, tile_px) for m in loaded.values()) and task == "classify":
+        raise ModelError("checkpoints evaluated side by side on tiles must share mpp and tile size")
+    import dataclasses
+
+    data = load_dataset(dataclasses.replace(data_cfg, val_fraction=data_cfg.val_fraction if split != "all" else 0.0,
+                                            split_csv=data_cfg.split_csv if split != "all" else None), task, mpp, tile_px)
+    samples = {"all": data.train + data.val, "train": data.train, "val": data.val}[split]
+    if not samples:
+        raise ValueError(f"{data_cfg.root}: the {split!r} split is empty")
+    if angles is None:
+        angles = list(range(0, 360, 10 if task == "classify" else 30))
+    metrics = ["accuracy", "balanced_accuracy"] + (["auc"] if task == "classify" and len(data.classes) == 2 else []) \
+        if task == "classify" else ["dice", "aji", "pq"]
+    report = {"task": task, "data": str(data_cfg.root), "split": split, "n": len(samples), "angles": list(angles),
+              "dataset_digest": data.digest, "models": {}}
+    all_rows = []
+    for name, m in loaded.items():
+        log(f"evaluating {name} on {len(samples)} {'tiles' if task == 'classify' else 'images'}")
+        if m is not None:
+            prepare_model(m, dev)
+        rows = _classify(m, samples, angles, dev) if task == "classify" else _segment(m, samples, angles, dev)
+        report["models"][name] = _summarise(rows, metrics)
+        all_rows += [{"model": name, **r} for r in rows]
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    from .loop import write_rows
+
+    write_rows(all_rows, out / "evaluation.csv", report)
+    _polar_plot(report, metrics[1] if task == "classify" else "dice", out / "polar.png")
+    return report
+
+
+def _polar_plot(report: dict, metric: str, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig = plt.figure(figsize=(5.5, 5.5))
+    ax = fig.add_subplot(projection="polar")
+    lo = 1.0
+    for name, res in report["models"].items():
+        per = res[f"{metric}_per_angle"]
+        a = np.deg2rad(list(per) + [list(per)[0]])
+        v = list(per.values()) + [list(per.values())[0]]
+        lo = min(lo, min(v))
+        ax.plot(a, v, marker="o", ms=3, label=Path(name).stem)
+    ax.set_ylim(max(0.0, lo - 0.1), 1.0)
+    ax.set_title(f"{metric.replace('_', ' ')} by rotation angle ({report['split']}, n={report['n']})")
+    ax.legend(loc="lower left", fontsize=8, bbox_to_anchor=(-0.1, -0.12))
+    fig.tight_layout()
+    tmp = path.with_name(f".{path.name}.tmp.png")
+    fig.savefig(tmp, dpi=110)
+    plt.close(fig)
+    tmp.replace(path)

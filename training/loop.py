@@ -1,0 +1,413 @@
+"""The training loop: one function, ``train(cfg)``, for nuclei U-Nets and tile classifiers.
+
+Modelled on torchvision's classification reference: DistributedDataParallel when launched
+by ``torchrun`` (NCCL on CUDA, gloo on CPU), autocast on CUDA, channels-last, a cosine
+schedule with linear warm-up stepped per iteration, and after every epoch a validation, a
+line in ``metrics.csv`` / ``metrics.json``, ``last.pt`` (the whole training state, for
+``--resume``) and, when the selected validation score improves, ``best.pt`` (the inference
+checkpoint ``gmrpath predict/segment --model`` read). Every file is written to a temporary
+name and renamed. Crops and augmentation depend on the seed, the epoch and the sample index
+only, so a resumed run continues exactly where an uninterrupted one would be.
+
+Example::
+
+    from training.config import load_train_config
+    from training.loop import train
+    summary = train(load_train_config("configs/train_nuclei_gmr.yaml"))
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import math
+import os
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+import yaml
+
+from gmr_models import create_model
+from pipeline.infer import segment_maps
+from pipeline.instances import PostProcess, instances_from_maps
+from pipeline.models import save_checkpoint
+
+from .augment import build_augment
+from .config import TrainConfig, config_dict
+from .datasets import LoadedData, NucleiCrops, TileSamples, load_dataset, resample_image
+
+__all__ = ["train", "TRAIN_STATE_FORMAT", "segment_loss", "nuclei_maps", "evaluate_nuclei_image", "tune_postprocess",
+           "central_disc", "code_version"]
+
+TRAIN_STATE_FORMAT = "gmrpath-train-state-v1"
+MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
+
+
+def code_version() -> str:
+    """The package version plus the git commit when run from a checkout."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        v = version("gmr-path")
+    except PackageNotFoundError:
+        v = "unknown"
+    head = Path(__file__).resolve().parents[1] / ".git" / "HEAD"
+    try:
+        ref = head.read_text().strip()
+        if ref.startswith("ref: "):
+            ref = (head.parent / ref[5:]).read_text().strip()
+        return f"{v}+g{ref[:10]}"
+    except OSError:
+        return v
+
+
+def _distributed() -> tuple[int, int, int]:
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ and int(os.environ["WORLD_SIZE"]) > 1:
+        return int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"]), int(os.environ.get("LOCAL_RANK", 0))
+    return 0, 1, 0
+
+
+def _device(name: str, local_rank: int) -> torch.device:
+    from pipeline.runtime import resolve_device
+
+    dev = resolve_device(name)
+    if dev.type == "cuda" and dev.index is None:
+        dev = torch.device("cuda", local_rank)
+    return dev
+
+
+def _autocast(device: torch.device, amp: bool):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    return torch.autocast(device.type, enabled=False)
+
+
+def segment_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    """Foreground BCE + soft Dice, plus MSE of the sigmoid distance map.
+
+    Shape:
+        logits ``(N, 2, H, W)``, target ``(N, 2, H, W)`` (foreground, distance) -> scalar.
+    """
+    fg_logit, fg = logits[:, 0].float(), target[:, 0]
+    bce = F.binary_cross_entropy_with_logits(fg_logit, fg)
+    p = fg_logit.sigmoid()
+    soft_dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
+    mse = F.mse_loss(logits[:, 1].float().sigmoid(), target[:, 1])
+    return bce + soft_dice + 2.0 * mse
+
+
+def nuclei_maps(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True) -> np.ndarray:
+    """The model's output maps for one nuclei sample at its native resolution, optionally rotated.
+
+    The native image is rotated by ``angle`` about its centre (multiples of 90: an exact pixel
+    permutation), resampled to the model's mpp and segmented; the maps are resized back and
+    rotated back.
+
+    Shape:
+        sample image ``(H, W, 3)`` -> ``(C, H, W)`` float32.
+    """
+    import cv2
+
+    img = sample.native_image
+    h, w = img.shape[:2]
+    quarter = angle % 90 == 0
+    k = int(angle % 360 // 90)
+    rot = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
+    if quarter:
+        img = np.ascontiguousarray(np.rot90(img, k))
+    else:
+        img = cv2.warpAffine(img, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    small = resample_image(img, sample.native_mpp, model_mpp)
+    maps = segment_maps(module, small, MEAN, STD, device, amp=amp)
+    maps = np.stack([cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR) for m in maps])
+    if quarter:
+        return np.ascontiguousarray(np.rot90(maps, -k, axes=(1, 2)))
+    inv = cv2.invertAffineTransform(rot)
+    return np.stack([cv2.warpAffine(m, inv, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for m in maps])
+
+
+def native_postprocess(post: PostProcess, model_mpp: float, native_mpp: float) -> PostProcess:
+    """``post`` with its minimum area converted from model pixels to native pixels."""
+    return dataclasses.replace(post, min_area_px=int(round(post.min_area_px * (model_mpp / native_mpp) ** 2)))
+
+
+def central_disc(shape) -> np.ndarray:
+    """The disc inscribed in an image: inside it at every rotation angle."""
+    h, w = shape[:2]
+    yy, xx = np.mgrid[:h, :w]
+    return (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 <= (min(h, w) / 2 - 1) ** 2
+
+
+def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostProcess, angle: float = 0.0,
+                          amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
+    """Instances predicted for one nuclei sample at its native resolution, optionally rotated
+    (see :func:`nuclei_maps`). Returns ``(instances, valid)``: ``valid`` is the central disc,
+    inside the image at every angle (score there when comparing angles)."""
+    maps = nuclei_maps(module, sample, model_mpp, device, angle, amp)
+    labels = instances_from_maps(maps[0], maps[1] if len(maps) > 1 else None, native_postprocess(post, model_mpp, sample.native_mpp))
+    return labels, central_disc(sample.native_image.shape)
+
+
+TUNE_FG = (0.4, 0.5, 0.6)
+TUNE_H = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
+
+
+def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True) -> tuple[PostProcess, list[dict]]:
+    """The foreground threshold and marker height that give the best mean AJI on ``samples``
+    (your own validation images: never the images you report as unseen)."""
+    from .metrics import aji
+
+    module.eval()
+    maps = [nuclei_maps(module, s, model_mpp, device, 0.0, amp) for s in samples]
+    rows = []
+    for fg in TUNE_FG:
+        for h in TUNE_H:
+            post = PostProcess(fg_threshold=fg, marker_h=h)
+            score = float(np.mean([aji(s.native_labels, instances_from_maps(m[0], m[1], native_postprocess(post, model_mpp, s.native_mpp)))
+                                   for s, m in zip(samples, maps)]))
+            rows.append({"fg_threshold": fg, "marker_h": h, "val_aji": score})
+    best = max(rows, key=lambda r: r["val_aji"])
+    return PostProcess(fg_threshold=best["fg_threshold"], marker_h=best["marker_h"]), rows
+
+
+def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dict:
+    from .metrics import segmentation_scores
+
+    module.eval()
+    post = PostProcess()
+    rows = []
+    for s in data.val:  # default post-processing here; tuned once at the end of the run
+        labels, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, 0.0, cfg.amp)
+        rows.append(segmentation_scores(s.native_labels, labels))
+        for angle in cfg.val_angles:
+            rot, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, float(angle), cfg.amp)
+            sc = segmentation_scores(s.native_labels, rot, valid)
+            rows[-1].update({f"dice_{angle:g}": sc["dice"], f"aji_{angle:g}": sc["aji"]})
+    return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
+
+
+def _validate_classify(module, loader, device, n_classes: int, amp: bool) -> dict:
+    from .metrics import classification_scores
+
+    module.eval()
+    probs, labels, loss = [], [], 0.0
+    with torch.no_grad(), _autocast(device, amp):
+        for x, y in loader:
+            logits = module(x.to(device).contiguous(memory_format=torch.channels_last)).float()
+            loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
+            probs.append(logits.softmax(1).cpu().numpy())
+            labels.append(y.numpy())
+    if not probs:
+        return {}
+    probs, labels = np.concatenate(probs), np.concatenate(labels)
+    return {"val_loss": loss / len(labels), **{f"val_{k}": v for k, v in classification_scores(probs, labels, n_classes).items()}}
+
+
+def _config_changes(stored: dict, current: dict, prefix: str = "") -> list[str]:
+    """Keys whose values differ (keys newer code added, absent from ``stored``, are ignored)."""
+    out = []
+    for key, old in stored.items():
+        new = current.get(key, old)
+        if isinstance(old, dict) and isinstance(new, dict):
+            out += _config_changes(old, new, f"{prefix}{key}.")
+        elif old != new and key not in ("epochs", "num_workers", "device"):
+            out.append(f"{prefix}{key}: {old!r} -> {new!r}")
+    return out
+
+
+def _atomic_save(obj, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    torch.save(obj, tmp)
+    tmp.replace(path)
+
+
+def write_rows(rows: list[dict], csv_path: Path, json_payload=None) -> None:
+    """``rows`` as a CSV (columns: every key, in first-seen order) and ``json_payload`` (default:
+    the rows) as JSON beside it, each written to a temporary name and renamed."""
+    keys = list(dict.fromkeys(k for row in rows for k in row))
+    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
+    with open(tmp, "w", newline="") as fh:
+        w = csv.DictWriter(fh, fieldnames=keys)
+        w.writeheader()
+        w.writerows(rows)
+    tmp.replace(csv_path)
+    json_path = csv_path.with_suffix(".json")
+    tmp = json_path.with_name(f".{json_path.name}.tmp")
+    tmp.write_text(json.dumps(rows if json_payload is None else json_payload, indent=1))
+    tmp.replace(json_path)
+
+
+def _write_metrics(out: Path, history: list[dict]) -> None:
+    write_rows(history, out / "metrics.csv")
+
+
+def _schedule(optimizer, cfg: TrainConfig, steps_per_epoch: int):
+    total = cfg.epochs * steps_per_epoch
+    warm = max(1, int(cfg.optim.warmup_epochs * steps_per_epoch)) if cfg.optim.warmup_epochs > 0 else 0
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
+          log: Callable[[str], None] = print, progress: Optional[Callable[[int, int, dict], None]] = None) -> dict:
+    """Train ``cfg.model`` on ``cfg.data``; returns the run summary (also ``summary.json``).
+
+    Raises:
+        DataError: a bad dataset file (unless ``skip_bad``).
+        ValueError: ``resume`` without a ``last.pt`` from the same config.
+    """
+    rank, world, local_rank = _distributed()
+    device = _device(cfg.device, local_rank)
+    if world > 1 and not torch.distributed.is_initialized():
+        torch.distributed.init_process_group("nccl" if device.type == "cuda" else "gloo")
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    data = load_dataset(cfg.data, cfg.task, cfg.mpp, cfg.tile_px, skip_bad)
+    if rank == 0:
+        for line in data.skipped:
+            log(f"skipped: {line}")
+        log(f"data: {len(data.train)} train / {len(data.val)} val images, classes {data.classes}, digest {data.digest}")
+    if not data.train:
+        raise ValueError(f"{cfg.data.root}: the split leaves no training images")
+    out_key = "out_channels" if cfg.task == "segment" else "num_classes"
+    n_out = 2 if cfg.task == "segment" else len(data.classes)
+    model_kwargs = {**cfg.model_kwargs, out_key: n_out}
+    torch.manual_seed(cfg.seed)
+    module = create_model(cfg.model, **model_kwargs).to(device).to(memory_format=torch.channels_last)
+    augment = build_augment(cfg.augment)
+    if cfg.task == "segment":
+        train_set = NucleiCrops(data.train, cfg.tile_px, cfg.samples_per_epoch, augment, cfg.seed, MEAN, STD)
+    else:
+        train_set = TileSamples(data.train, augment, cfg.seed, MEAN, STD)
+        val_loader = torch.utils.data.DataLoader(TileSamples(data.val, None, cfg.seed, MEAN, STD), batch_size=cfg.batch_size)
+    sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
+    loader = torch.utils.data.DataLoader(
+        train_set, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None and cfg.task == "classify",
+        num_workers=cfg.num_workers, drop_last=len(train_set) >= cfg.batch_size * world, pin_memory=device.type == "cuda",
+        persistent_workers=False, generator=torch.Generator().manual_seed(cfg.seed))
+    if cfg.optim.name == "sgd":
+        optimizer = torch.optim.SGD(module.parameters(), lr=cfg.optim.lr, momentum=0.9, nesterov=True, weight_decay=cfg.optim.weight_decay)
+    else:
+        optimizer = torch.optim.AdamW(module.parameters(), lr=cfg.optim.lr, weight_decay=cfg.optim.weight_decay)
+    steps_per_epoch = max(1, len(loader))
+    scheduler = _schedule(optimizer, cfg, steps_per_epoch)
+    use_fp16 = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
+    scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
+    net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else module
+
+    start_epoch, history, best, best_epoch = 0, [], -math.inf, -1
+    state_path = out / "last.pt"
+    if resume:
+        if not state_path.is_file():
+            raise ValueError(f"{state_path}: nothing to resume (no last.pt in {out})")
+        state = torch.load(state_path, map_location=device, weights_only=True)
+        if state.get("format") != TRAIN_STATE_FORMAT:
+            raise ValueError(f"{state_path}: not a GMR-Path training state")
+        changed = _config_changes(state.get("config", {}), json.loads(json.dumps(config_dict(cfg))))
+        if changed:
+            raise ValueError(f"{state_path}: was written with a different training config ({changed[0]}); resume needs the same one")
+        module.load_state_dict(state["model"])
+        optimizer.load_state_dict(state["optimizer"])
+        scheduler.load_state_dict(state["scheduler"])
+        start_epoch, history, best, best_epoch = state["epoch"] + 1, list(state["history"]), state["best"], state["best_epoch"]
+        if rank == 0:
+            log(f"resumed from {state_path} after epoch {state['epoch'] + 1}")
+    if rank == 0:
+        (out / "config.yaml").write_text(yaml.safe_dump(config_dict(cfg), sort_keys=False))
+
+    loss_fn = segment_loss if cfg.task == "segment" else F.cross_entropy
+    for epoch in range(start_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        train_set.set_epoch(epoch)
+        if sampler is not None:
+            sampler.set_epoch(epoch)
+        elif cfg.task == "classify":
+            loader.generator.manual_seed(cfg.seed * 1000 + epoch)
+        net.train()
+        total, count = 0.0, 0
+        for step, (x, y) in enumerate(loader):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+            y = y.to(device, non_blocking=True)
+            with _autocast(device, cfg.amp):
+                loss = loss_fn(net(x).float(), y)
+            optimizer.zero_grad(set_to_none=True)
+            scaler.scale(loss).backward()
+            scaler.step(optimizer)
+            scaler.update()
+            scheduler.step()
+            total, count = total + float(loss.detach()) * len(x), count + len(x)
+            if progress is not None and rank == 0:
+                progress(step + 1, steps_per_epoch, {"epoch": epoch + 1, "loss": total / count})
+        row = {"epoch": epoch + 1, "lr": optimizer.param_groups[0]["lr"], "train_loss": total / max(count, 1)}
+        if world > 1:
+            t = torch.tensor([total, count], dtype=torch.float64, device=device)
+            torch.distributed.all_reduce(t)
+            row["train_loss"] = float(t[0] / t[1])
+        if rank == 0:
+            row["train_s"] = round(time.perf_counter() - t0, 1)
+            if data.val:
+                row.update(_validate_segment(module, data, cfg, device) if cfg.task == "segment"
+                           else _validate_classify(module, val_loader, device, len(data.classes), cfg.amp))
+            row["epoch_s"] = round(time.perf_counter() - t0, 1)
+            history.append(row)
+            score = row.get(cfg.select, -row["train_loss"])
+            if score > best:
+                best, best_epoch = score, epoch + 1
+                _save_inference(module, cfg, data, model_kwargs, out / "best.pt", epoch + 1, row)
+            _atomic_save({"format": TRAIN_STATE_FORMAT, "epoch": epoch, "model": module.state_dict(),
+                          "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
+                          "best": best, "best_epoch": best_epoch, "config": json.loads(json.dumps(config_dict(cfg)))}, state_path)
+            _write_metrics(out, history)
+            log(" ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in row.items()))
+        if world > 1:
+            torch.distributed.barrier()
+    summary = {"out": str(out), "epochs": cfg.epochs, "best_epoch": best_epoch, cfg.select: best,
+               "best": str(out / "best.pt"), "last": str(state_path), "digest": data.digest}
+    if rank == 0 and cfg.task == "segment" and data.val and (out / "best.pt").is_file():
+        summary["postprocess"] = _tune_best(out / "best.pt", data, cfg, device, log)
+    if rank == 0:
+        (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    if world > 1:
+        torch.distributed.destroy_process_group()
+    return summary
+
+
+def _tune_best(path: Path, data: LoadedData, cfg: TrainConfig, device, log) -> dict:
+    """Tune the post-processing of ``best.pt`` on the validation images and store it there."""
+    from pipeline.models import CHECKPOINT_FORMAT
+
+    ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    if ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ValueError(f"{path}: not a GMR-Path checkpoint")
+    module = create_model(ckpt["model"], **ckpt["model_kwargs"])
+    module.load_state_dict(ckpt["state_dict"])
+    module.to(device).to(memory_format=torch.channels_last)
+    post, rows = tune_postprocess(module, data.val, cfg.mpp, device, cfg.amp)
+    best = max(r["val_aji"] for r in rows)
+    ckpt["meta"] = {**ckpt.get("meta", {}), "postprocess": post.to_dict(), "postprocess_tuning": rows}
+    _atomic_save(ckpt, path)
+    log(f"post-processing tuned on {len(data.val)} validation images: {post.to_dict()} (val AJI {best:.4f})")
+    return {**post.to_dict(), "val_aji": best}
+
+
+def _save_inference(module, cfg: TrainConfig, data: LoadedData, model_kwargs: dict, path: Path, epoch: int, row: dict) -> None:
+    meta = {
+        "task": cfg.task, "epoch": epoch, "dataset_digest": data.digest, "code_version": code_version(),
+        "train_images": sorted(s.name for s in data.train), "val_images": sorted(s.name for s in data.val),
+        "val_metrics": {k: v for k, v in row.items() if k.startswith("val_")},
+    }
+    if cfg.task == "segment":
+        meta["postprocess"] = PostProcess().to_dict()
+    save_checkpoint(module, path, cfg.model, model_kwargs, data.classes, cfg.tile_px, cfg.mpp, MEAN, STD, meta=meta)
