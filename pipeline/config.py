@@ -12,6 +12,8 @@ Example:
 from __future__ import annotations
 
 import dataclasses
+import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
@@ -155,6 +157,14 @@ def _model_spec(value: Any, where: str, source: str) -> ModelSpec:
     return _build(ModelSpec, value, where, source)
 
 
+def _is_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _is_number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def _check_types(obj, where: str, source: str) -> None:
     def bad(name, want):
         key = f"{where}.{name}" if where else name
@@ -163,32 +173,49 @@ def _check_types(obj, where: str, source: str) -> None:
     if isinstance(obj, ModelSpec):
         if obj.task not in ("classify", "segment"):
             bad("task", "'classify' or 'segment'")
+        if not isinstance(obj.model, str) or not obj.model:
+            bad("model", "a registry name or a checkpoint path")
+        if not isinstance(obj.model_kwargs, dict):
+            bad("model_kwargs", "a mapping")
         for name in ("tile_px", "overlap_px", "seed"):
-            if not isinstance(getattr(obj, name), int) or getattr(obj, name) < (1 if name == "tile_px" else 0):
+            if not _is_int(getattr(obj, name)) or getattr(obj, name) < (1 if name == "tile_px" else 0):
                 bad(name, "a positive int" if name == "tile_px" else "an int >= 0")
-        if obj.stride_px is not None and (not isinstance(obj.stride_px, int) or obj.stride_px < 1):
+        if obj.stride_px is not None and (not _is_int(obj.stride_px) or obj.stride_px < 1):
             bad("stride_px", "a positive int or null")
-        if not isinstance(obj.mpp, (int, float)) or obj.mpp <= 0:
+        if not _is_number(obj.mpp) or obj.mpp <= 0:
             bad("mpp", "a positive number (micrometres per pixel)")
-        if not isinstance(obj.classes, list) or not obj.classes:
+        if not isinstance(obj.classes, list) or not obj.classes or not all(isinstance(c, str) and c for c in obj.classes):
             bad("classes", "a non-empty list of names")
+        if len(set(obj.classes)) != len(obj.classes):
+            bad("classes", "distinct names")
         if obj.task == "segment" and obj.overlap_px * 2 >= obj.tile_px:
             bad("overlap_px", "less than half of tile_px")
     elif isinstance(obj, TissueConfig):
-        if not obj.mask_mpp > 0:
+        if not _is_number(obj.mask_mpp) or obj.mask_mpp <= 0:
             bad("mask_mpp", "a positive number")
-        if not 0 <= obj.min_tissue_fraction <= 1:
+        if not _is_number(obj.min_tissue_fraction) or not 0 <= obj.min_tissue_fraction <= 1:
             bad("min_tissue_fraction", "between 0 and 1")
+        if not _is_number(obj.min_object_um2) or obj.min_object_um2 < 0:
+            bad("min_object_um2", "a number of square micrometres >= 0")
     elif isinstance(obj, RunConfig):
         if obj.tta not in ("none", "d4"):
             bad("tta", "'none' or 'd4'")
         for name in ("batch_size", "chunk_tiles"):
-            if not isinstance(getattr(obj, name), int) or getattr(obj, name) < 1:
+            if not _is_int(getattr(obj, name)) or getattr(obj, name) < 1:
                 bad(name, "a positive int")
-        if not isinstance(obj.num_workers, int) or obj.num_workers < 0:
+        if not _is_int(obj.num_workers) or obj.num_workers < 0:
             bad("num_workers", "an int >= 0")
+        if not isinstance(obj.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", obj.device):
+            bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
+        if not isinstance(obj.amp, bool):
+            bad("amp", "true or false")
     elif isinstance(obj, PipelineConfig):
-        if obj.mpp is not None and (not isinstance(obj.mpp, (int, float)) or obj.mpp <= 0):
+        for name in ("slides", "out"):
+            if not isinstance(getattr(obj, name), str) or not getattr(obj, name):
+                bad(name, "a path")
+        if obj.mpp_csv is not None and not isinstance(obj.mpp_csv, str):
+            bad("mpp_csv", "a path or null")
+        if obj.mpp is not None and (not _is_number(obj.mpp) or obj.mpp <= 0):
             bad("mpp", "a positive number or null")
 
 

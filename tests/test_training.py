@@ -471,3 +471,19 @@ def test_segment_maps_turn_exactly_with_the_image_when_padded():
     for k in (1, 2, 3):
         rot = segment_maps(net, np.ascontiguousarray(np.rot90(img, k)), (0.5,) * 3, (0.5,) * 3, torch.device("cpu"), multiple=8)
         assert np.allclose(rot, np.rot90(maps, k, axes=(1, 2)), atol=1e-5)
+
+
+@pytest.mark.parametrize("override, key", [
+    ({"tissue": {"min_object_um2": "big"}}, "tissue.min_object_um2"), ({"slides": 123}, "slides"),
+    ({"mpp": float("nan")}, "mpp"), ({"mpp": float("inf")}, "mpp"), ({"tissue": {"mask_mpp": float("inf")}}, "tissue.mask_mpp"),
+    ({"run": {"device": 7}}, "run.device"), ({"run": {"device": "gpu"}}, "run.device"), ({"run": {"amp": "yes"}}, "run.amp"),
+    ({"classify": {"preset": "nct_crc", "tile_px": True}}, "classify.tile_px"),
+    ({"classify": {"preset": "pcam", "classes": ["a", "a"]}}, "classify.classes"),
+    ({"classify": {"preset": "nct_crc", "mpp": float("nan")}}, "classify.mpp"),
+])
+def test_pipeline_config_rejects_bad_values_at_load(override, key):
+    """Issue 6's validation gaps: each is an error naming the key when the config loads."""
+    from pipeline.config import ConfigError, load_config
+
+    with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} must be"):
+        load_config(REPO / "configs" / "default.yaml", override)
