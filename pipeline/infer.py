@@ -38,9 +38,14 @@ def prepare_model(loaded: LoadedModel, device: torch.device) -> LoadedModel:
 
 def to_model_input(tiles: torch.Tensor, loaded: LoadedModel, device: torch.device) -> torch.Tensor:
     """uint8 ``(N, H, W, 3)`` -> normalised float ``(N, 3, H, W)`` on ``device``, channels-last."""
+    return normalise(tiles, loaded.mean, loaded.std, device)
+
+
+def normalise(tiles: torch.Tensor, mean, std, device: torch.device) -> torch.Tensor:
+    """uint8 ``(N, H, W, 3)`` -> ``(x / 255 - mean) / std`` as float ``(N, 3, H, W)`` on ``device``, channels-last."""
     x = tiles.to(device, non_blocking=True).permute(0, 3, 1, 2).float().div_(255.0)
-    mean = torch.tensor(loaded.mean, device=device).view(1, -1, 1, 1)
-    std = torch.tensor(loaded.std, device=device).view(1, -1, 1, 1)
+    mean = torch.tensor(mean, device=device).view(1, -1, 1, 1)
+    std = torch.tensor(std, device=device).view(1, -1, 1, 1)
     return ((x - mean) / std).contiguous(memory_format=torch.channels_last)
 
 
@@ -78,8 +83,7 @@ def segment_maps(module: torch.nn.Module, image: np.ndarray | torch.Tensor, mean
     """
     img = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) and not image.flags.writeable else torch.as_tensor(image)
     h, w = img.shape[:2]
-    x = img.to(device).permute(2, 0, 1)[None].float().div_(255.0)
-    x = (x - torch.tensor(mean, device=device).view(1, -1, 1, 1)) / torch.tensor(std, device=device).view(1, -1, 1, 1)
+    x = normalise(img[None], mean, std, device)
     ph, pw = (-h) % multiple, (-w) % multiple
     top, left = ph // 2, pw // 2  # split evenly: a 90-degree rotation of the input moves no padding
     if ph or pw:

@@ -66,7 +66,7 @@ def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, pos
         ``(H, W), (H, W) -> (H, W)`` int32.
     """
     from scipy import ndimage
-    from skimage.segmentation import watershed
+    from skimage.segmentation import relabel_sequential, watershed
 
     fg = np.asarray(fg_prob) > post.fg_threshold
     if dist is None:
@@ -77,7 +77,7 @@ def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, pos
         dist = np.where(fg, np.asarray(dist, dtype=np.float32), 0.0).astype(np.float32)
         markers, n = ndimage.label(h_maxima(dist, post.marker_h).astype(bool) & fg)
         labels = watershed(-dist, markers, mask=fg) if n else np.zeros(fg.shape, np.int32)
-        orphans, n_orphans = ndimage.label(fg & (labels == 0))  # foreground pieces with no core
+        orphans, _ = ndimage.label(fg & (labels == 0))  # foreground pieces with no marker
         labels = np.where(orphans > 0, orphans + labels.max(), labels)
     labels = labels.astype(np.int32)
     if post.min_area_px > 0 and labels.max() > 0:
@@ -85,15 +85,5 @@ def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, pos
         small = areas < post.min_area_px
         small[0] = False
         labels[small[labels]] = 0
-    return relabel_sequential(labels)
+    return relabel_sequential(labels)[0].astype(np.int32)
 
-
-def relabel_sequential(labels: np.ndarray) -> np.ndarray:
-    """Labels renumbered 1..N in order of first appearance in raster order (0 stays 0)."""
-    flat = labels.ravel()
-    values, first = np.unique(flat, return_index=True)
-    keep = values > 0
-    order = values[keep][np.argsort(first[keep])]
-    lut = np.zeros(int(values.max()) + 1 if values.size else 1, np.int32)
-    lut[order] = np.arange(1, order.size + 1, dtype=np.int32)
-    return lut[labels]

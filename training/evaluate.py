@@ -31,17 +31,20 @@ from .config import DataConfig
 from .datasets import load_dataset
 from .metrics import classification_scores, segmentation_scores
 
-__all__ = ["evaluate", "rotate_tile", "CLASSICAL"]
+__all__ = ["evaluate", "rotate_image", "CLASSICAL"]
 
 CLASSICAL = "classical"
 
 
-def rotate_tile(image: np.ndarray, angle: float) -> np.ndarray:
-    """A tile rotated by ``angle`` degrees (counter-clockwise) about its centre, borders
-    reflected; multiples of 90 are exact pixel permutations.
+def rotate_image(image: np.ndarray, angle: float, nearest: bool = False, border: str = "reflect") -> np.ndarray:
+    """An image (or map, or label image with ``nearest``) rotated by ``angle`` degrees
+    counter-clockwise about its centre; multiples of 90 are exact pixel permutations.
+
+    Args:
+        border: how pixels from outside are filled: ``reflect``, ``replicate`` or ``constant`` (0).
 
     Shape:
-        ``(H, W, C) -> (H, W, C)``.
+        ``(H, W[, C]) -> (H, W[, C])``.
     """
     import cv2
 
@@ -50,7 +53,10 @@ def rotate_tile(image: np.ndarray, angle: float) -> np.ndarray:
         return np.ascontiguousarray(np.rot90(image, int(a // 90)))
     h, w = image.shape[:2]
     m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), a, 1.0)
-    return cv2.warpAffine(image, m, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    borders = {"reflect": cv2.BORDER_REFLECT_101, "replicate": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT}
+    src = image.astype(np.float32) if image.dtype not in (np.uint8, np.float32) else image
+    out = cv2.warpAffine(src, m, (w, h), flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR, borderMode=borders[border])
+    return out.astype(image.dtype, copy=False)
 
 
 def _load(name: str, task: str):
@@ -73,7 +79,7 @@ def _classify(loaded, samples, angles, device, batch_size: int = 32) -> list[dic
         raise ModelError(f"{loaded.spec.model}: has {n_classes} classes; the data has label {labels.max()}")
     if any(s.image.shape[0] != loaded.spec.tile_px for s in samples):
         raise ModelError(f"{loaded.spec.model}: expects {loaded.spec.tile_px} px tiles; the data is loaded at another size")
-    views = [("angle", float(a), lambda im, a=a: rotate_tile(im, a)) for a in angles]
+    views = [("angle", float(a), lambda im, a=a: rotate_image(im, a)) for a in angles]
     views += [("flip", "horizontal", lambda im: np.ascontiguousarray(im[:, ::-1])),
               ("flip", "vertical", lambda im: np.ascontiguousarray(im[::-1]))]
     rows = []
@@ -95,10 +101,8 @@ def _segment(loaded, samples, angles, device) -> list[dict]:
     for s in samples:
         for angle in [0.0] + [float(a) for a in angles if a % 360]:
             if loaded is None:
-                img = s.native_image if angle == 0 else _rot_native(s.native_image, angle)
-                labels = classical_nuclei(img, s.native_mpp)
-                if angle:
-                    labels = _rot_native(labels, -angle, nearest=True)
+                labels = classical_nuclei(rotate_image(s.native_image, angle), s.native_mpp)
+                labels = rotate_image(labels, -angle, nearest=True, border="constant")
                 valid = central_disc(s.native_labels.shape)
             else:
                 labels, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle)
@@ -106,17 +110,6 @@ def _segment(loaded, samples, angles, device) -> list[dict]:
                 rows.append({"image": s.name, "view": "upright", "value": 0.0, **segmentation_scores(s.native_labels, labels)})
             rows.append({"image": s.name, "view": "angle", "value": angle, **segmentation_scores(s.native_labels, labels, valid)})
     return rows
-
-
-def _rot_native(arr: np.ndarray, angle: float, nearest: bool = False) -> np.ndarray:
-    import cv2
-
-    h, w = arr.shape[:2]
-    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
-    src = arr.astype(np.float32) if nearest else arr
-    out = cv2.warpAffine(src, m, (w, h), flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR,
-                         borderMode=cv2.BORDER_CONSTANT if nearest else cv2.BORDER_REFLECT_101)
-    return out.astype(arr.dtype)
 
 
 def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:

@@ -113,22 +113,13 @@ def nuclei_maps(module, sample, model_mpp: float, device, angle: float = 0.0, am
     """
     import cv2
 
-    img = sample.native_image
-    h, w = img.shape[:2]
-    quarter = angle % 90 == 0
-    k = int(angle % 360 // 90)
-    rot = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), angle, 1.0)
-    if quarter:
-        img = np.ascontiguousarray(np.rot90(img, k))
-    else:
-        img = cv2.warpAffine(img, rot, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REFLECT_101)
+    from .evaluate import rotate_image
+
+    img = rotate_image(sample.native_image, angle)
     small = resample_image(img, sample.native_mpp, model_mpp)
     maps = segment_maps(module, small, MEAN, STD, device, amp=amp)
-    maps = np.stack([cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR) for m in maps])
-    if quarter:
-        return np.ascontiguousarray(np.rot90(maps, -k, axes=(1, 2)))
-    inv = cv2.invertAffineTransform(rot)
-    return np.stack([cv2.warpAffine(m, inv, (w, h), flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE) for m in maps])
+    maps = [cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR) for m in maps]
+    return np.stack([rotate_image(m, -angle, border="replicate") for m in maps])
 
 
 def native_postprocess(post: PostProcess, model_mpp: float, native_mpp: float) -> PostProcess:
