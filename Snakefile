@@ -10,3 +10,6 @@ rule all:
     input:
         OUT / "cohort.csv",
         OUT / "report.html",
+        # every slide's results too: after a failed run (whose report lists the failures), the
+        # next run retries the failed slides and then rewrites the report
+        cohort_inputs,

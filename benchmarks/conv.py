@@ -18,7 +18,7 @@ from typing import Sequence
 
 import torch
 
-from gmr_models import GMRConv
+from gmr_models import GMRConv, freeze_kernels
 
 from .common import device_name, interleaved_best_ms, peak_memory_mb
 
@@ -92,7 +92,7 @@ def run_conv_benchmark(
             return run
 
         for m in mods.values():
-            m.eval()
+            freeze_kernels(m.eval())
         fwd = interleaved_best_ms({n: infer(m) for n, m in mods.items()}, device, repeats)
         for m in mods.values():
             m.train()
@@ -162,6 +162,7 @@ def run_network_benchmark(model: str = "gmr_resnet18", shape=(16, 3, 224, 224), 
     for impl in ("auto", "rings", "dense"):
         torch.manual_seed(0)
         net = create_model(model, spatial_dims=len(shape) - 2, in_channels=shape[1], **model_kwargs).to(device).eval()
+        freeze_kernels(net)
         if x.dim() == 4:
             net = net.to(memory_format=torch.channels_last)
         for m in net.modules():

@@ -13,7 +13,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
@@ -34,14 +34,21 @@ def check_kernel_sizes(kernel_sizes: Sequence[int], stages: int) -> tuple[int, .
 
 
 def conv_layer(
-    conv_type: str, spatial_dims: int, in_channels: int, out_channels: int, kernel_size: int, bias: bool = False
+    conv_type: str,
+    spatial_dims: int,
+    in_channels: int,
+    out_channels: int,
+    kernel_size: int,
+    bias: bool = False,
+    gmr_kwargs: Optional[dict] = None,
 ) -> nn.Module:
-    """A stride-1 "same" convolution: :class:`GMRConv` (``conv_type="gmr"``) or the torch
-    convolution of the same size (``"conv"``, the non-equivariant baseline)."""
+    """A stride-1 "same" convolution: :class:`GMRConv` (``conv_type="gmr"``, with the extra
+    ``gmr_kwargs`` such as ``num_rings`` or ``sigma``) or the torch convolution of the same size
+    (``"conv"``, the non-equivariant baseline, which ignores ``gmr_kwargs``)."""
     if conv_type not in CONV_TYPES:
         raise ValueError(f"conv_type must be one of {CONV_TYPES}, got {conv_type!r}")
     if conv_type == "gmr" and kernel_size > 1:
-        return GMRConv(spatial_dims, in_channels, out_channels, kernel_size, bias=bias)
+        return GMRConv(spatial_dims, in_channels, out_channels, kernel_size, bias=bias, **(gmr_kwargs or {}))
     conv = layer_type("conv", spatial_dims)
     return conv(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 
@@ -62,12 +69,13 @@ class ConvNormAct(nn.Sequential):
         kernel_size: int,
         norm: str = "batch",
         act: bool = True,
+        gmr_kwargs: Optional[dict] = None,
     ) -> None:
         spatial_dims = check_spatial_dims(spatial_dims)
         if norm not in ("batch", "instance"):
             raise ValueError(f"norm must be 'batch' or 'instance', got {norm!r}")
         layers: list[nn.Module] = [
-            conv_layer(conv_type, spatial_dims, in_channels, out_channels, kernel_size),
+            conv_layer(conv_type, spatial_dims, in_channels, out_channels, kernel_size, gmr_kwargs=gmr_kwargs),
             layer_type(norm, spatial_dims)(out_channels, affine=True),
         ]
         if act:

@@ -134,7 +134,8 @@ class ResNet(nn.Module):
             raise ValueError(f"dropout must be in [0, 1), got {dropout!r}")
         block_cls = blocks[block]
         pool = layer_type("avgpool", spatial_dims)
-        self.spatial_dims, self.num_classes = spatial_dims, num_classes
+        self.spatial_dims, self.num_classes, self.conv_type = spatial_dims, num_classes, conv_type
+        self.size_multiple = 16  # input sides divisible by this keep GMR logits exactly D4-invariant
         self.stem = nn.Sequential(
             ConvNormAct(conv_type, spatial_dims, in_channels, base_channels, kernel_sizes[0], norm), pool(2)
         )

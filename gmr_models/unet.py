@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 import torch
 from torch import Tensor, nn
@@ -30,10 +30,12 @@ __all__ = ["UNet"]
 
 
 class _DoubleConv(nn.Sequential):
-    def __init__(self, conv_type: str, spatial_dims: int, in_channels: int, out_channels: int, k: int, norm: str):
+    def __init__(
+        self, conv_type: str, spatial_dims: int, in_channels: int, out_channels: int, k: int, norm: str, gmr_kwargs: dict
+    ):
         super().__init__(
-            ConvNormAct(conv_type, spatial_dims, in_channels, out_channels, k, norm),
-            ConvNormAct(conv_type, spatial_dims, out_channels, out_channels, k, norm),
+            ConvNormAct(conv_type, spatial_dims, in_channels, out_channels, k, norm, gmr_kwargs=gmr_kwargs),
+            ConvNormAct(conv_type, spatial_dims, out_channels, out_channels, k, norm, gmr_kwargs=gmr_kwargs),
         )
 
 
@@ -48,6 +50,10 @@ class UNet(nn.Module):
         kernel_sizes: kernel size per level; its length is the number of levels.
         conv_type: ``"gmr"`` or ``"conv"`` (baseline).
         norm: ``"batch"`` or ``"instance"``.
+        num_rings: GMR rings per level (default ``k // 2 + 1``; up to ``k``: more rings give the
+            radial profile more freedom at no inference cost, the kernel is built once).
+        gmr_kwargs: further :class:`~gmr_models.layers.GMRConv` arguments for every GMR layer,
+            e.g. ``{"sigma": "channel"}``. Both are ignored by ``conv_type="conv"``.
 
     Shape:
         ``(N, in_channels, *S) -> (N, out_channels, *S)`` with every side of ``S`` divisible
@@ -63,6 +69,8 @@ class UNet(nn.Module):
         kernel_sizes: Sequence[int] = (9, 9, 5, 5),
         conv_type: str = "gmr",
         norm: str = "batch",
+        num_rings: Optional[Sequence[int]] = None,
+        gmr_kwargs: Optional[dict] = None,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -72,20 +80,35 @@ class UNet(nn.Module):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels), ("base_channels", base_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        self.spatial_dims, self.levels = spatial_dims, len(kernel_sizes)
+        if num_rings is not None and (
+            isinstance(num_rings, (str, int)) or len(tuple(num_rings)) != len(kernel_sizes)
+        ):
+            raise ValueError(f"num_rings must give one int per level ({len(kernel_sizes)}), got {num_rings!r}")
+        if gmr_kwargs is not None and not isinstance(gmr_kwargs, dict):
+            raise ValueError(f"gmr_kwargs must be a dict of GMRConv arguments, got {gmr_kwargs!r}")
+        if gmr_kwargs and "num_rings" in gmr_kwargs:
+            raise ValueError("give num_rings per level through UNet(num_rings=...), not in gmr_kwargs")
+        rings = tuple(num_rings) if num_rings is not None else (None,) * len(kernel_sizes)
+        per_level = [{**(gmr_kwargs or {}), **({} if n is None else {"num_rings": n})} for n in rings]
+        self.spatial_dims, self.levels, self.conv_type = spatial_dims, len(kernel_sizes), conv_type
+        self.size_multiple = 2 ** (self.levels - 1)  # input sides must be multiples (pooling)
         conv1x1 = layer_type("conv", spatial_dims)
         widths = [base_channels * 2**i for i in range(self.levels)]
         self.down = nn.ModuleList()
         c_in = in_channels
         for width, k in zip(widths, kernel_sizes):
-            self.down.append(_DoubleConv(conv_type, spatial_dims, c_in, width, k, norm))
+            self.down.append(_DoubleConv(conv_type, spatial_dims, c_in, width, k, norm, per_level[len(self.down)]))
             c_in = width
         self.pool = layer_type("avgpool", spatial_dims)(2)
         self.reduce = nn.ModuleList()
         self.up = nn.ModuleList()
         for level in range(self.levels - 2, -1, -1):
             self.reduce.append(conv1x1(widths[level + 1], widths[level], 1))
-            self.up.append(_DoubleConv(conv_type, spatial_dims, 2 * widths[level], widths[level], kernel_sizes[level], norm))
+            self.up.append(
+                _DoubleConv(
+                    conv_type, spatial_dims, 2 * widths[level], widths[level], kernel_sizes[level], norm, per_level[level]
+                )
+            )
         self.head = conv1x1(widths[0], out_channels, 1)
         self.kernel_sizes = tuple(kernel_sizes)
 

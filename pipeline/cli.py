@@ -27,7 +27,7 @@ app = typer.Typer(
 )
 bench_app = typer.Typer(help="Speed, memory and equivariance benchmarks (reports, not tests).", no_args_is_help=True)
 app.add_typer(bench_app, name="benchmark")
-console = Console(stderr=True)
+console = Console(stderr=True, soft_wrap=True)  # a message is one line, in a terminal or a log
 
 
 def _ints(text: str, name: str) -> list[int]:
@@ -47,32 +47,66 @@ def models_cmd() -> None:
 
 
 def _fail(err: Exception) -> None:
-    console.print(f"[bold red]error:[/] {err}")
+    """Print ``error: <message>`` as exactly one line (never wrapped, in a terminal or a log) and exit 1."""
+    from rich.text import Text
+
+    message = " ".join(str(err).split())
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
     raise typer.Exit(1)
 
 
+class _LazyBar:
+    """A rich progress bar that appears at the first update, so a run that fails before doing
+    any work prints its error alone (no empty "0/? tiles" bar)."""
+
+    def __init__(self, label: str, unit: str):
+        self.label, self.unit, self.bar, self.task, self.start = label, unit, None, None, None
+
+    def __enter__(self) -> "_LazyBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=console, transient=False,
+            )
+            self.task = self.bar.add_task(self.label, total=total, rate="")
+            self.bar.start()
+            self.start = time.perf_counter()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.task, completed=done, total=total, rate=f"{done / elapsed:6.1f} {self.unit}/s")
+
+
 def _progress(label: str, unit: str = "tiles"):
-    """A rich progress bar reporting units done / total and units/s; returns (bar, callback)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
-
-    bar = Progress(
-        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(unit),
-        TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
-        console=console, transient=False,
-    )
-    task = bar.add_task(label, total=None, rate="")
-    start = [None]
-
-    def update(done: int, total: int) -> None:
-        if start[0] is None:
-            start[0] = time.perf_counter()
-        elapsed = max(time.perf_counter() - start[0], 1e-9)
-        bar.update(task, completed=done, total=total, rate=f"{done / elapsed:6.1f} {unit}/s")
-
-    return bar, update
+    """A progress bar reporting units done / total and units/s; returns (context, callback)."""
+    bar = _LazyBar(label, unit)
+    return bar, bar
 
 
-def _pipeline_config(config: Optional[Path], overrides: dict):
+def _slide_failed(err: Exception, slide: Path, out: Optional[Path], stage: str) -> None:
+    """Record the failure for the cohort report (when the output folder is known), then fail."""
+    from pipeline.report import record_failure
+
+    if out is not None:
+        record_failure(out, slide, stage, str(err))
+    _fail(err)
+
+
+def _slide_done(slide: Path, out: Path, stage: str) -> None:
+    from pipeline.report import clear_failure
+
+    clear_failure(out, slide, stage)
+
+
+def _pipeline_config(config: Optional[Path], overrides: dict, override_source: str = "command line", need_slides: bool = True):
     from pipeline.config import PipelineConfig, load_config
 
     default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
@@ -82,11 +116,11 @@ def _pipeline_config(config: Optional[Path], overrides: dict):
         import dataclasses
 
         return dataclasses.replace(cfg, **overrides)
-    return load_config(path, overrides)
+    return load_config(path, overrides, override_source, need_slides)
 
 
 ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `gmrpath models`; random weights) or a .pt checkpoint path. Default: the config's.")
-OutOpt = typer.Option(Path("results"), "--out", "-o", help="Output root; files go to OUT/<slide id>/.")
+OutOpt = typer.Option(None, "--out", "-o", help="Output root; files go to OUT/<slide id>/. Default: the config's out.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/default.yaml).")
 MppOpt = typer.Option(None, "--mpp", help="Microns per pixel to use when the slide records none (e.g. 0.25 for 40x, 0.5 for 20x).")
 DeviceOpt = typer.Option(None, "--device", help="auto (CUDA if present), cpu, cuda or cuda:N. Default: the config's.")
@@ -111,7 +145,7 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
 
     from pipeline.config import PRESETS, ModelSpec
 
-    cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
+    cfg = _pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
     spec = getattr(cfg, task) or ModelSpec(**PRESETS[preset])
     if model is not None:
         spec = dataclasses.replace(spec, model=model)
@@ -121,7 +155,7 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
 @app.command("tissue")
 def tissue_cmd(
     slide: Path = typer.Argument(..., help="The slide file."),
-    out: Path = OutOpt,
+    out: Optional[Path] = OutOpt,
     config: Optional[Path] = ConfigOpt,
     mpp: Optional[float] = MppOpt,
 ) -> None:
@@ -130,11 +164,13 @@ def tissue_cmd(
     from pipeline.read import slide_id
 
     try:
-        cfg = _pipeline_config(config, {"mpp": mpp} if mpp else {})
+        cfg = _pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
+        out = Path(cfg.out) if out is None else out
         s = open_configured_slide(slide, cfg)
         mask, _ = tissue_stage(s, cfg, out)
     except ValueError as err:
-        _fail(err)
+        _slide_failed(err, slide, out, "tissue")
+    _slide_done(slide, out, "tissue")
     area = float(mask.sum()) * cfg.tissue.mask_mpp**2 / 1e6
     console.print(f"{slide}: tissue {area:.2f} mm^2 -> {slide_outputs(out, slide_id(slide))['tissue_png']}")
 
@@ -143,7 +179,7 @@ def tissue_cmd(
 def predict_cmd(
     slide: Path = typer.Argument(..., help="The slide file (svs, ndpi, tiff, mrxs, OME-TIFF, ...)."),
     model: Optional[str] = ModelOpt,
-    out: Path = OutOpt,
+    out: Optional[Path] = OutOpt,
     config: Optional[Path] = ConfigOpt,
     mpp: Optional[float] = MppOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -158,11 +194,13 @@ def predict_cmd(
 
     try:
         cfg = _task_config("classify", "nct_crc", config, mpp, model, device, batch_size, num_workers, tta)
+        out = Path(cfg.out) if out is None else out
         bar, update = _progress(f"classify {slide.name}")
         with bar:
             summary = classify_slide(slide, cfg, out, progress=update)
     except ValueError as err:
-        _fail(err)
+        _slide_failed(err, slide, out, "classify")
+    _slide_done(slide, out, "classify")
     Console().print_json(json.dumps({k: summary[k] for k in ("slide", "tiles", "tissue_area_mm2", "class_fraction", "tiles_per_s", "outputs")}))
 
 
@@ -170,7 +208,7 @@ def predict_cmd(
 def segment_cmd(
     slide: Path = typer.Argument(..., help="The slide file."),
     model: Optional[str] = ModelOpt,
-    out: Path = OutOpt,
+    out: Optional[Path] = OutOpt,
     config: Optional[Path] = ConfigOpt,
     mpp: Optional[float] = MppOpt,
     batch_size: Optional[int] = BatchOpt,
@@ -185,11 +223,13 @@ def segment_cmd(
 
     try:
         cfg = _task_config("segment", "nuclei", config, mpp, model, device, batch_size, None, tta)
+        out = Path(cfg.out) if out is None else out
         bar, update = _progress(f"nuclei {slide.name}", unit="blocks")
         with bar:
             summary = segment_slide(slide, cfg, out, progress=update, block_px=block_px)
     except ValueError as err:
-        _fail(err)
+        _slide_failed(err, slide, out, "segment")
+    _slide_done(slide, out, "segment")
     Console().print_json(json.dumps(summary))
 
 
@@ -200,7 +240,7 @@ def cohort_cmd(out: Path = typer.Argument(..., help="The output root holding one
 
     try:
         csv_path, html_path = write_cohort(out)
-    except (ValueError, FileNotFoundError) as err:
+    except (ValueError, OSError) as err:
         _fail(err)
     console.print(f"wrote {csv_path} and {html_path}")
 
@@ -223,17 +263,24 @@ def config_cmd(
             raise typer.BadParameter(f"--set takes key=value, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     try:
-        cfg = _pipeline_config(config, overrides)
+        cfg = _pipeline_config(config, overrides, "--set")
     except ValueError as err:
         _fail(err)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
     if write is None:
         typer.echo(text)
-    else:
+        return
+    tmp = write.with_name(f".{write.name}.tmp")
+    blocker = next((p for p in write.parents if p.exists() and not p.is_dir()), None)
+    if blocker is not None:
+        _fail(ValueError(f"{write}: cannot write the config: {blocker} is a file, not a folder"))
+    try:
         write.parent.mkdir(parents=True, exist_ok=True)
-        tmp = write.with_name(f".{write.name}.tmp")
         tmp.write_text(text)
         tmp.replace(write)
+    except OSError as err:
+        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
+        _fail(ValueError(f"{write}: cannot write the config ({err.strerror or err})"))
 
 
 @bench_app.command("conv")

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -165,6 +166,25 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+_MULTIPLES: dict[str, int] = {}
+
+
+def _size_multiple(model: str, model_kwargs: dict, n_classes: int) -> int:
+    """The side multiple an equivariant registry model needs (0: none, or not known here)."""
+    import json
+
+    key = json.dumps([model, model_kwargs, n_classes], sort_keys=True, default=str)
+    if key not in _MULTIPLES:
+        from gmr_models import create_model
+
+        try:
+            net = create_model(model, **{"num_classes": n_classes, **model_kwargs})
+            _MULTIPLES[key] = int(getattr(net, "size_multiple", 0)) if getattr(net, "conv_type", "") == "gmr" else 0
+        except Exception:  # noqa: BLE001 - a bad name or argument is reported when the model is built
+            _MULTIPLES[key] = 0
+    return _MULTIPLES[key]
+
+
 def _check_types(obj, where: str, source: str) -> None:
     def bad(name, want):
         key = f"{where}.{name}" if where else name
@@ -190,6 +210,12 @@ def _check_types(obj, where: str, source: str) -> None:
             bad("classes", "distinct names")
         if obj.task == "segment" and obj.overlap_px * 2 >= obj.tile_px:
             bad("overlap_px", "less than half of tile_px")
+        if obj.task == "classify" and not is_checkpoint_path(obj.model):
+            multiple = _size_multiple(obj.model, obj.model_kwargs, len(obj.classes))
+            if multiple and obj.tile_px % multiple:
+                bad("tile_px", f"a multiple of {multiple} for {obj.model} (other sizes break its exact invariance "
+                               f"to 90-degree rotations and flips; e.g. {obj.tile_px // multiple * multiple or multiple} "
+                               f"or {(obj.tile_px // multiple + 1) * multiple})")
     elif isinstance(obj, TissueConfig):
         if not _is_number(obj.mask_mpp) or obj.mask_mpp <= 0:
             bad("mask_mpp", "a positive number")
@@ -222,31 +248,56 @@ def _check_types(obj, where: str, source: str) -> None:
 SLIDE_EXTENSIONS = (".svs", ".ndpi", ".tif", ".tiff", ".mrxs", ".scn", ".vms", ".vmu", ".bif", ".svslide", ".qptiff")
 
 
-def find_slides(slides: str | Path) -> dict[str, Path]:
-    """Slides under ``slides`` (a folder, not recursive, or one file) by slide id.
+def scan_slides(slides: str | Path) -> tuple[dict[str, Path], list[tuple[Path, str]]]:
+    """Slides under ``slides`` (a folder, not recursive, or one file) by slide id, and the
+    entries with a slide extension that cannot be slides (a dangling link, a folder named
+    ``x.svs``) with the reason, so a workflow can report and skip them.
 
     Raises:
-        ConfigError: no slides found, or two files with the same slide id.
+        ConfigError: the path does not exist, or two files have the same slide id.
     """
     from .read import slide_id
 
     root = Path(slides)
-    files = [root] if root.is_file() else sorted(p for p in root.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
+    if not root.exists() and not root.is_symlink():
+        raise ConfigError(f"{root}: slides path does not exist")
+    entries = [root] if not root.is_dir() else sorted(p for p in root.iterdir() if p.suffix.lower() in SLIDE_EXTENSIONS)
     found: dict[str, Path] = {}
-    for f in files:
+    skipped: list[tuple[Path, str]] = []
+    for f in entries:
+        if f.is_symlink() and not f.exists():
+            skipped.append((f, f"dangling link to {os.readlink(f)}"))
+            continue
+        if not f.is_file():
+            skipped.append((f, "not a file (a folder named like a slide?)"))
+            continue
         sid = slide_id(f)
         if sid in found:
             raise ConfigError(f"{root}: two slides share the id {sid!r}: {found[sid].name} and {f.name}")
         found[sid] = f
+    return found, skipped
+
+
+def find_slides(slides: str | Path) -> dict[str, Path]:
+    """The readable-looking slides of :func:`scan_slides`.
+
+    Raises:
+        ConfigError: no slides found, or two files with the same slide id.
+    """
+    found, _ = scan_slides(slides)
     if not found:
-        raise ConfigError(f"{root}: no slides found (looked for {', '.join(SLIDE_EXTENSIONS)})")
+        raise ConfigError(f"{slides}: no slides found (looked for {', '.join(SLIDE_EXTENSIONS)})")
     return found
 
 
-def config_from_dict(data: dict, source: str = "<dict>", base: Path | None = None) -> PipelineConfig:
+def config_from_dict(
+    data: dict, source: str = "<dict>", base: Path | None = None, need_slides: bool = True
+) -> PipelineConfig:
     """Validate a config mapping (what :func:`load_config` does after reading the YAML).
 
-    Relative paths are resolved against ``base`` (default: the working directory).
+    Relative paths are resolved against ``base`` (default: the working directory). With
+    ``need_slides=False`` (the per-slide commands, which name their slide) the ``slides`` path
+    need not exist.
 
     Raises:
         ConfigError: unknown keys, wrong types, a missing slides path or mpp CSV.
@@ -262,7 +313,7 @@ def config_from_dict(data: dict, source: str = "<dict>", base: Path | None = Non
         spec = getattr(cfg, name)
         if spec is not None and is_checkpoint_path(spec.model):
             cfg = dataclasses.replace(cfg, **{name: dataclasses.replace(spec, model=resolve(spec.model))})
-    if not Path(cfg.slides).exists():
+    if need_slides and not Path(cfg.slides).exists():
         raise ConfigError(f"{source}: slides path {cfg.slides} does not exist")
     if cfg.mpp_csv is not None and not Path(cfg.mpp_csv).is_file():
         raise ConfigError(f"{source}: mpp_csv {cfg.mpp_csv} does not exist")
@@ -276,12 +327,50 @@ def config_to_dict(cfg: PipelineConfig) -> dict:
     return dataclasses.asdict(cfg)
 
 
-def load_config(path: str | Path | None = None, overrides: Optional[dict] = None) -> PipelineConfig:
+MAX_YAML_NODES = 100_000
+
+
+def load_yaml(path: str | Path) -> Any:
+    """``yaml.safe_load`` of a config file, refusing documents that expand to more than
+    :data:`MAX_YAML_NODES` values (a few aliases nested in each other, the "billion laughs",
+    load instantly but expand exponentially when the config is copied or written).
+
+    Raises:
+        ConfigError: missing file, invalid YAML, or too large once aliases are expanded.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    try:
+        data = yaml.safe_load(path.read_text())
+    except (yaml.YAMLError, UnicodeDecodeError) as err:
+        raise ConfigError(f"{path}: not valid YAML: {' '.join(str(err).split())}") from None
+    stack, seen = [data], 0
+    while stack:
+        node = stack.pop()
+        seen += 1
+        if seen > MAX_YAML_NODES:
+            raise ConfigError(f"{path}: more than {MAX_YAML_NODES} values once YAML aliases are expanded; refusing to expand it")
+        if isinstance(node, dict):
+            stack.extend(node.keys())
+            stack.extend(node.values())
+        elif isinstance(node, (list, tuple)):
+            stack.extend(node)
+    return data
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: Optional[dict] = None,
+    override_source: str = "command line",
+    need_slides: bool = True,
+) -> PipelineConfig:
     """Read and validate a YAML config; ``overrides`` (e.g. Snakemake's ``--config``) win.
 
     Relative paths (``slides``, ``out``, ``mpp_csv``, checkpoint paths) are resolved against
     the repository root when the file lives in ``configs/``, else against the file's folder;
-    relative paths in ``overrides`` against the working directory.
+    relative paths in ``overrides`` against the working directory. A bad override is blamed on
+    ``override_source`` (e.g. ``"--mpp"``), not on the file.
 
     Raises:
         ConfigError: unknown keys, wrong types, a missing slides path or mpp CSV.
@@ -292,19 +381,16 @@ def load_config(path: str | Path | None = None, overrides: Optional[dict] = None
     if path is not None:
         path = Path(path)
         source = str(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            data = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as err:
-            raise ConfigError(f"{path}: not valid YAML: {err}") from None
+        data = load_yaml(path) or {}
         if not isinstance(data, dict):
             raise ConfigError(f"{path}: a config must be a mapping of keys to values")
         base = path.resolve().parent
         if base.name == "configs":
             base = base.parent
     overrides = dict(overrides or {})
+    if overrides:
+        _build(PipelineConfig, overrides, "", override_source)  # each override checked on its own first
     for key in ("slides", "out", "mpp_csv"):  # paths given on a command line are relative to where it runs
         if isinstance(overrides.get(key), str) and not Path(overrides[key]).is_absolute():
             overrides[key] = str(Path.cwd() / overrides[key])
-    return config_from_dict({**data, **overrides}, source, base)
+    return config_from_dict({**data, **overrides}, source, base, need_slides)

@@ -22,6 +22,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
+from gmr_models import freeze_kernels
 from gmr_models.symmetry import apply_symmetry, grid_symmetries, invert_symmetry
 
 from .models import LoadedModel
@@ -30,9 +31,11 @@ __all__ = ["prepare_model", "to_model_input", "predict_batch", "chunk_batches", 
 
 
 def prepare_model(loaded: LoadedModel, device: torch.device) -> LoadedModel:
-    """Move the model to ``device`` in eval mode (channels-last: the GMR ring path's fast layout)."""
+    """Move the model to ``device`` in eval mode (channels-last: the GMR ring path's fast layout),
+    with its GMR kernels frozen (built once, not at every batch)."""
     loaded.module.to(device).eval()
     loaded.module.to(memory_format=torch.channels_last)
+    freeze_kernels(loaded.module)
     return loaded
 
 

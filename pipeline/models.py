@@ -13,6 +13,8 @@ Example:
 from __future__ import annotations
 
 import hashlib
+import math
+import pickle
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,6 +24,7 @@ from torch import nn
 from gmr_models import create_model
 
 from .config import ModelSpec, is_checkpoint_path
+from .outputs import atomic_path
 
 __all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "CHECKPOINT_FORMAT"]
 
@@ -102,23 +105,91 @@ def _check_fits(path: Path, ckpt: dict, spec: ModelSpec) -> None:
         raise ModelError(f"{path}: the checkpoint's head has {n_out} outputs but names {len(classes)} classes")
 
 
+def _first_line(text: str) -> str:
+    return next((line.strip() for line in text.splitlines() if line.strip()), text)
+
+
+def _check_metadata(path: Path, ckpt: dict) -> None:
+    """The checkpoint's own fields, checked like a config's (one line naming the file and the field)."""
+    def bad(name: str, want: str) -> None:
+        raise ModelError(f"{path}: checkpoint field {name} must be {want}, got {ckpt.get(name)!r}")
+
+    if not isinstance(ckpt.get("model"), str):
+        bad("model", "a registry name")
+    if not isinstance(ckpt.get("model_kwargs", {}), dict):
+        bad("model_kwargs", "a mapping")
+    if not isinstance(ckpt.get("state_dict"), dict):
+        bad("state_dict", "a mapping of tensors")
+    tile = ckpt.get("tile_px", 1)
+    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
+        bad("tile_px", "a positive int")
+    mpp = ckpt.get("mpp", 1.0)
+    if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
+        bad("mpp", "a positive number")
+    classes = ckpt.get("classes", ["x"])
+    if not isinstance(classes, list) or not all(isinstance(c, str) and c for c in classes) or len(set(classes)) != len(classes):
+        bad("classes", "a list of distinct names")
+    for name in ("mean", "std"):
+        v = ckpt.get(name, [1.0, 1.0, 1.0])
+        if not isinstance(v, (list, tuple)) or len(v) != 3 or not all(isinstance(x, (int, float)) and math.isfinite(x) for x in v):
+            bad(name, "three finite numbers")
+        if name == "std" and any(x <= 0 for x in v):
+            bad(name, "three positive numbers")
+
+
+def _state_mismatch(module: torch.nn.Module, state: dict) -> str:
+    """"" when ``state`` fits ``module``, else one line: how many tensors differ, and the first."""
+    own = module.state_dict()
+    missing = [k for k in own if k not in state]
+    extra = [k for k in state if k not in own]
+    def shape(t) -> tuple:
+        return tuple(t.shape) if isinstance(t, torch.Tensor) else ("not a tensor",)
+
+    shapes = [(k, shape(state[k]), tuple(v.shape)) for k, v in own.items() if k in state and shape(state[k]) != tuple(v.shape)]
+    parts = []
+    if shapes:
+        k, got, want = shapes[0]
+        parts.append(f"{len(shapes)} tensor(s) of another shape (first: {k} is {list(got)}, the model needs {list(want)})")
+    if missing:
+        parts.append(f"{len(missing)} missing (first: {missing[0]})")
+    if extra:
+        parts.append(f"{len(extra)} unexpected (first: {extra[0]})")
+    return "; ".join(parts)
+
+
 def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedModel:
     if not path.is_file():
         raise ModelError(f"{path}: model checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - corrupt, truncated or pickled-code files alike
-        raise ModelError(f"{path}: not a readable GMR-Path checkpoint ({type(err).__name__}: {err})") from None
+    except pickle.UnpicklingError as err:  # torch's weights-only unpickler met a class or function
+        import re
+
+        found = re.search(r"GLOBAL ([\w.]+)", str(err))
+        what = f" ({found.group(1)})" if found else ""
+        raise ModelError(f"{path}: refused: the file carries Python code or objects{what}, not only weights; "
+                         "GMR-Path never runs code from a checkpoint") from None
+    except Exception as err:  # noqa: BLE001 - corrupt or truncated files
+        raise ModelError(f"{path}: not a readable GMR-Path checkpoint ({type(err).__name__}: {_first_line(str(err))})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a GMR-Path checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
+    _check_metadata(path, ckpt)
     if check:
         _check_fits(path, ckpt, spec)
     classes = list(ckpt.get("classes", spec.classes))
     try:
         module = create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
-        module.load_state_dict(ckpt["state_dict"])
-    except (KeyError, ValueError, RuntimeError, TypeError) as err:
-        raise ModelError(f"{path}: checkpoint does not fit model {ckpt.get('model')!r}: {err}") from None
+    except (KeyError, ValueError, TypeError) as err:
+        raise ModelError(f"{path}: cannot build model {ckpt.get('model')!r}: {_first_line(str(err))}") from None
+    mismatch = _state_mismatch(module, ckpt["state_dict"])
+    if mismatch:
+        raise ModelError(f"{path}: checkpoint does not fit model {ckpt['model']!r}: {mismatch}")
+    module.load_state_dict(ckpt["state_dict"])
+    multiple = int(getattr(module, "size_multiple", 0)) if getattr(module, "conv_type", "") == "gmr" else 0
+    tile = int(ckpt.get("tile_px", spec.tile_px))
+    if spec.task == "classify" and multiple and tile % multiple:
+        raise ModelError(f"{path}: tile_px {tile} is not a multiple of {multiple}: {ckpt['model']} would lose its exact "
+                         "invariance to 90-degree rotations and flips")
     module.eval()
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     spec = ModelSpec(
@@ -146,7 +217,6 @@ def save_checkpoint(module: nn.Module, path: str | Path, model: str, model_kwarg
         "tile_px": int(tile_px), "mpp": float(mpp), "mean": list(mean), "std": list(std),
         "meta": dict(meta or {}), "state_dict": module.state_dict(),
     }
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(payload, tmp)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        torch.save(payload, tmp)
     return path

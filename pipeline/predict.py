@@ -25,6 +25,7 @@ from typing import Callable, Optional
 import numpy as np
 
 from .config import ModelSpec, PipelineConfig
+from .outputs import OutputError, disk_errors, slide_lock
 from .read import Slide, SlideError, open_slide, read_mpp_csv, slide_id
 from .tiles import TileDataset, TileGrid, make_grid
 from .tissue import detect_tissue, mask_png_meta, render_thumbnail, save_mask_png
@@ -39,13 +40,17 @@ __all__ = ["OutputError", "open_configured_slide", "tissue_stage", "classify_sli
 Progress = Optional[Callable[[int, int], None]]  # (tiles done in this call, tiles to do)
 
 
-class OutputError(ValueError):
-    """The output folder cannot be written."""
-
-
 def slide_outputs(out_dir: str | Path, sid: str) -> dict[str, Path]:
-    """Every file the pipeline writes for slide ``sid``."""
-    d = Path(out_dir) / sid
+    """Every file the pipeline writes for slide ``sid``, all inside ``out_dir``.
+
+    Raises:
+        OutputError: when ``sid`` would lead outside ``out_dir`` (ids from :func:`slide_id`
+            never do; this guards every caller).
+    """
+    root = Path(out_dir)
+    d = root / sid
+    if not sid or sid in (".", "..") or Path(sid).name != sid or not d.resolve().is_relative_to(root.resolve()):
+        raise OutputError(f"{root}: slide id {sid!r} would write outside the output folder")
     return {
         "dir": d,
         "tissue_png": d / f"{sid}.tissue.png",
@@ -78,10 +83,15 @@ def tissue_stage(slide: Slide, cfg: PipelineConfig, out_dir: str | Path) -> tupl
     """Detect tissue and save the mask PNG, or reuse the PNG an earlier tissue stage wrote for the
     same slide file and tissue settings (recorded in the PNG); returns ``(mask, thumbnail)`` at
     ``cfg.tissue.mask_mpp``."""
-    from PIL import Image
-
     paths = slide_outputs(out_dir, slide_id(slide.path))
     _ensure_writable(paths["dir"])
+    with slide_lock(paths["dir"]), disk_errors(paths["dir"]):
+        return _tissue_locked(slide, cfg, paths)
+
+
+def _tissue_locked(slide: Slide, cfg: PipelineConfig, paths: dict) -> tuple[np.ndarray, np.ndarray]:
+    from PIL import Image
+
     thumb = render_thumbnail(slide, cfg.tissue.mask_mpp)
     png = paths["tissue_png"]
     stat = slide.path.stat()
@@ -96,13 +106,20 @@ def tissue_stage(slide: Slide, cfg: PipelineConfig, out_dir: str | Path) -> tupl
     return mask, thumb
 
 
-def run_fingerprint(slide: Slide, spec: ModelSpec, checksum: str, cfg: PipelineConfig) -> dict:
-    """What must be unchanged for a stored result to be reused or a partial one resumed."""
+def run_fingerprint(slide: Slide, spec: ModelSpec, checksum: str, cfg: PipelineConfig, device) -> dict:
+    """What must be unchanged for a stored result to be reused or a partial one resumed:
+    everything that changes the numbers (slide, model, settings, device type, precision, batch
+    size, and the code that computes them)."""
+    from .runtime import code_digest
+
     stat = slide.path.stat()
+    dev_type = getattr(device, "type", str(device))
     return json_safe({
         "slide": str(slide.path.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime), "mpp": slide.mpp,
         "model_checksum": checksum, "spec": dataclasses.asdict(spec), "tta": cfg.run.tta,
-        "tissue": dataclasses.asdict(cfg.tissue), "chunk": cfg.run.chunk_tiles,
+        "tissue": dataclasses.asdict(cfg.tissue), "chunk": cfg.run.chunk_tiles, "device_type": dev_type,
+        "amp": bool(cfg.run.amp and dev_type == "cuda"), "dtype": "float32", "batch_size": cfg.run.batch_size,
+        "code": code_digest(),
     })
 
 
@@ -142,60 +159,62 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
     slide = open_configured_slide(path, cfg)
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)
-    mask, thumb = tissue_stage(slide, cfg, out_dir)
-    chunk = cfg.run.chunk_tiles
-    grid = make_grid(slide, mask, cfg.tissue.mask_mpp, spec.tile_px, spec.mpp, spec.step_px, cfg.tissue.min_tissue_fraction, chunk)
-    if len(grid.rows) == 0:
-        raise SlideError(f"{slide.path}: no tile has {cfg.tissue.min_tissue_fraction:.0%} tissue at {spec.tile_px} px, {spec.mpp} mpp")
-    classes, n_cls = list(spec.classes), len(spec.classes)
-    final = paths["classify_zarr"]
-    fingerprint = run_fingerprint(slide, spec, loaded.checksum, cfg)
-    tiles_per_s = None
-    if not store_matches(final, fingerprint):
-        group, _ = open_partial_store(final, fingerprint)
-        if "0" not in group:
-            group.create_array("0", shape=(n_cls, grid.n_rows, grid.n_cols), chunks=(n_cls, chunk, chunk),
-                               dtype="float32", fill_value=0.0, dimension_names=("c", "y", "x"))
-        probs_arr = group["0"]
-        chunk_ids = grid.chunk_of(chunk)
-        finished = done_chunks(group)
-        todo = np.flatnonzero(~np.isin(chunk_ids, list(finished)))
-        remaining = {int(c): int(n) for c, n in zip(*np.unique(chunk_ids[todo], return_counts=True))}
-        buffers: dict[int, np.ndarray] = {}
-        prepare_model(loaded, dev)
-        dataset = TileDataset(slide.path, slide.mpp, grid, todo)
-        done = written = 0
-        t0 = time.perf_counter()
-        per_row = math.ceil(grid.n_cols / chunk)
-        for idx, probs in iterate_predictions(loaded, dataset, dev, cfg.run.batch_size, cfg.run.num_workers,
-                                             cfg.run.tta, cfg.run.amp, groups=chunk_ids[todo]):
-            for i, p in zip(idx, probs):
-                c = int(chunk_ids[i])
-                buf = buffers.setdefault(c, np.zeros((n_cls, chunk, chunk), np.float32))
-                buf[:, grid.rows[i] % chunk, grid.cols[i] % chunk] = p
-                remaining[c] -= 1
-                if remaining[c] == 0:  # chunk complete: write it, then record it
-                    r0, c0 = (c // per_row) * chunk, (c % per_row) * chunk
-                    r1, c1 = min(r0 + chunk, grid.n_rows), min(c0 + chunk, grid.n_cols)
-                    probs_arr[:, r0:r1, c0:c1] = buffers.pop(c)[:, : r1 - r0, : c1 - c0]
-                    mark_chunk_done(group, c)
-                    written += 1
-                    if stop_after_chunks is not None and written >= stop_after_chunks:
-                        raise KeyboardInterrupt(f"stopped after {written} chunks (test hook)")
-            done += len(idx)
-            if progress is not None:
-                progress(done, len(todo))
-        if todo.size:
-            tiles_per_s = round(len(todo) / (time.perf_counter() - t0), 2)
-        _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded, tiles_per_s, fingerprint)
-    else:
-        tiles_per_s = stored_attrs(final).get("tiles_per_s")
-    summary = _classify_outputs(slide, grid, mask, thumb, cfg, classes, loaded, paths, dev)
-    summary["run_time_s"] = round(time.perf_counter() - start, 2)
-    summary["tiles_per_s"] = tiles_per_s
-    from .summary import write_summary
+    _ensure_writable(paths["dir"])
+    with slide_lock(paths["dir"]), disk_errors(paths["dir"]):
+        mask, thumb = tissue_stage(slide, cfg, out_dir)
+        chunk = cfg.run.chunk_tiles
+        grid = make_grid(slide, mask, cfg.tissue.mask_mpp, spec.tile_px, spec.mpp, spec.step_px, cfg.tissue.min_tissue_fraction, chunk)
+        if len(grid.rows) == 0:
+            raise SlideError(f"{slide.path}: no tile has {cfg.tissue.min_tissue_fraction:.0%} tissue at {spec.tile_px} px, {spec.mpp} mpp")
+        classes, n_cls = list(spec.classes), len(spec.classes)
+        final = paths["classify_zarr"]
+        fingerprint = run_fingerprint(slide, spec, loaded.checksum, cfg, dev)
+        tiles_per_s = None
+        if not store_matches(final, fingerprint):
+            group, _ = open_partial_store(final, fingerprint)
+            if "0" not in group:
+                group.create_array("0", shape=(n_cls, grid.n_rows, grid.n_cols), chunks=(n_cls, chunk, chunk),
+                                   dtype="float32", fill_value=0.0, dimension_names=("c", "y", "x"))
+            probs_arr = group["0"]
+            chunk_ids = grid.chunk_of(chunk)
+            finished = done_chunks(group)
+            todo = np.flatnonzero(~np.isin(chunk_ids, list(finished)))
+            remaining = {int(c): int(n) for c, n in zip(*np.unique(chunk_ids[todo], return_counts=True))}
+            buffers: dict[int, np.ndarray] = {}
+            prepare_model(loaded, dev)
+            dataset = TileDataset(slide.path, slide.mpp, grid, todo)
+            done = written = 0
+            t0 = time.perf_counter()
+            per_row = math.ceil(grid.n_cols / chunk)
+            for idx, probs in iterate_predictions(loaded, dataset, dev, cfg.run.batch_size, cfg.run.num_workers,
+                                                 cfg.run.tta, cfg.run.amp, groups=chunk_ids[todo]):
+                for i, p in zip(idx, probs):
+                    c = int(chunk_ids[i])
+                    buf = buffers.setdefault(c, np.zeros((n_cls, chunk, chunk), np.float32))
+                    buf[:, grid.rows[i] % chunk, grid.cols[i] % chunk] = p
+                    remaining[c] -= 1
+                    if remaining[c] == 0:  # chunk complete: write it, then record it
+                        r0, c0 = (c // per_row) * chunk, (c % per_row) * chunk
+                        r1, c1 = min(r0 + chunk, grid.n_rows), min(c0 + chunk, grid.n_cols)
+                        probs_arr[:, r0:r1, c0:c1] = buffers.pop(c)[:, : r1 - r0, : c1 - c0]
+                        mark_chunk_done(group, c)
+                        written += 1
+                        if stop_after_chunks is not None and written >= stop_after_chunks:
+                            raise KeyboardInterrupt(f"stopped after {written} chunks (test hook)")
+                done += len(idx)
+                if progress is not None:
+                    progress(done, len(todo))
+            if todo.size:
+                tiles_per_s = round(len(todo) / (time.perf_counter() - t0), 2)
+            _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded, tiles_per_s, fingerprint)
+        else:
+            tiles_per_s = stored_attrs(final).get("tiles_per_s")
+        summary = _classify_outputs(slide, grid, mask, thumb, cfg, classes, loaded, paths, dev)
+        summary["run_time_s"] = round(time.perf_counter() - start, 2)
+        summary["tiles_per_s"] = tiles_per_s
+        from .summary import write_summary
 
-    write_summary(summary, paths["summary_json"])
+        write_summary(summary, paths["summary_json"])
     slide.close()
     return summary
 
@@ -257,7 +276,7 @@ def _classify_outputs(slide, grid, mask, thumb, cfg, classes, loaded, paths, dev
     inside = (np.arange(h_t)[:, None] < label_small.shape[0] * cell) & (np.arange(w_t)[None] < label_small.shape[1] * cell)
     canvas[inside] = label_small[rr][:, cc][inside]
     title = f"{sid}: {loaded.name} ({'trained' if loaded.trained else 'untrained, random weights'}), {grid.tile_px} px @ {grid.mpp} mpp"
-    write_overlay(thumb, canvas, classes, colors, paths["overlay_png"], title=title)
+    write_overlay(thumb, canvas, classes, colors, paths["overlay_png"], title=title, um_per_px=cfg.tissue.mask_mpp, tissue=mask)
     counts = np.bincount(arg, minlength=len(classes)) if len(arg) else np.zeros(len(classes), int)
     return {
         "slide": sid, "path": str(slide.path), "mpp": round(slide.mpp, 5), "mpp_source": slide.mpp_source,

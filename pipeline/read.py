@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import logging
 import math
 import os
 from dataclasses import dataclass, field
@@ -63,13 +64,29 @@ class Slide:
             self.handle.close()
 
 
-def slide_id(path: str | os.PathLike) -> str:
-    """The slide's name without its extension(s) (``a/b/CMU-1.ome.tiff`` -> ``CMU-1``)."""
+def _stem(path: str | os.PathLike) -> str:
     name = Path(path).name
     for ext in (".ome.tiff", ".ome.tif"):
         if name.lower().endswith(ext):
             return name[: -len(ext)]
     return Path(name).stem
+
+
+def slide_id(path: str | os.PathLike) -> str:
+    """The slide's name without its extension(s) (``a/b/CMU-1.ome.tiff`` -> ``CMU-1``), made safe
+    as a folder name: characters other than letters, digits, ``.``, ``_`` and ``-`` become ``_``,
+    and leading/trailing dots are dropped, so no id is ``..`` or hidden. A name with nothing
+    left gets ``slide-<hash of the file name>``.
+
+    Example:
+        >>> slide_id("a/b/CMU-1.ome.tiff"), slide_id("tumour 3 (HE).svs"), slide_id("...svs")[:6]
+        ('CMU-1', 'tumour_3__HE_', 'slide-')
+    """
+    import hashlib
+    import re
+
+    sid = re.sub(r"[^\w.\-]", "_", _stem(path)).strip(".")
+    return sid or "slide-" + hashlib.sha256(Path(path).name.encode()).hexdigest()[:8]
 
 
 def read_mpp_csv(path: str | os.PathLike) -> dict[str, float]:
@@ -139,7 +156,8 @@ def open_slide(path: str | os.PathLike, mpp: Optional[float] = None, mpp_csv: Op
     except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as err:
         handle, dims, downs, meta_mpp, source = _open_tiatoolbox(path, err)
         backend = "tiatoolbox"
-    fallback = (mpp_csv or {}).get(slide_id(path))
+    table = mpp_csv or {}
+    fallback = table.get(slide_id(path), table.get(_stem(path)))
     if meta_mpp is None:
         if fallback is not None:
             meta_mpp, source = fallback, "mpp_csv"
@@ -155,10 +173,36 @@ def open_slide(path: str | os.PathLike, mpp: Optional[float] = None, mpp_csv: Op
     return Slide(path, float(meta_mpp), source, tuple(map(tuple, dims)), tuple(downs), backend, handle)
 
 
+def _drop_tiatoolbox_records(record: logging.LogRecord) -> bool:
+    return "tiatoolbox" not in record.pathname
+
+
+def _tiatoolbox_reader():
+    """TIAToolbox's ``WSIReader``, imported without letting TIAToolbox take over logging.
+
+    TIAToolbox installs ``[WARNING]`` handlers on the root logger at import, routes Python
+    warnings through them and logs through the root logger: its lines would interleave with
+    ours (and break one-line errors in logs). Its handlers are removed, warnings are given back,
+    and its own records are dropped; what matters (a slide it cannot read) reaches the user as
+    our one-line error.
+    """
+    root = logging.getLogger()
+    handlers, level = list(root.handlers), root.level
+    from tiatoolbox.wsicore.wsireader import WSIReader
+
+    for handler in list(root.handlers):
+        if handler not in handlers:
+            root.removeHandler(handler)
+    root.setLevel(level)
+    logging.captureWarnings(False)
+    if _drop_tiatoolbox_records not in root.filters:
+        root.addFilter(_drop_tiatoolbox_records)
+    return WSIReader
+
+
 def _open_tiatoolbox(path: Path, openslide_error: Exception):
     try:
-        from tiatoolbox.wsicore.wsireader import WSIReader
-
+        WSIReader = _tiatoolbox_reader()
         reader = WSIReader.open(str(path))
         info = reader.info
         dims = [tuple(int(v) for v in d) for d in info.level_dimensions]

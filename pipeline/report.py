@@ -1,4 +1,9 @@
-"""Write: the cohort table (CSV) and an HTML report, one row per slide, from per-slide summaries.
+"""Write: the cohort table (CSV) and an HTML report, one row per slide, from per-slide summaries,
+and the slides that failed with their one-line error.
+
+A per-slide command that fails records its error in ``OUT/.gmrpath/failed/<slide>.<stage>.json``
+(:func:`record_failure`) and clears it when it later succeeds, so the report lists exactly the
+slides whose latest run failed, however the runs were started (CLI or Snakemake).
 
 Example::
 
@@ -15,7 +20,49 @@ from pathlib import Path
 
 from .summary import write_cohort_csv
 
-__all__ = ["collect_summaries", "write_cohort"]
+__all__ = ["collect_summaries", "collect_failures", "record_failure", "clear_failure", "write_cohort"]
+
+
+def _failure_path(out_dir: str | Path, sid: str, stage: str) -> Path:
+    return Path(out_dir) / ".gmrpath" / "failed" / f"{sid}.{stage}.json"
+
+
+def record_failure(out_dir: str | Path, slide: str | Path, stage: str, message: str) -> None:
+    """Remember that ``stage`` failed on ``slide`` with ``message`` (best effort: a full disk
+    or unwritable folder must not hide the original error)."""
+    from .outputs import atomic_path
+    from .read import slide_id
+
+    path = _failure_path(out_dir, slide_id(slide), stage)
+    record = {"slide": slide_id(slide), "path": str(slide), "stage": stage, "error": " ".join(str(message).split())}
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(path) as tmp:
+            tmp.write_text(json.dumps(record))
+    except (OSError, ValueError):
+        pass
+
+
+def clear_failure(out_dir: str | Path, slide: str | Path, stage: str) -> None:
+    """Forget an earlier failure of ``stage`` on ``slide`` (it has now succeeded)."""
+    from .read import slide_id
+
+    try:
+        _failure_path(out_dir, slide_id(slide), stage).unlink(missing_ok=True)
+    except OSError:
+        pass
+
+
+def collect_failures(out_dir: str | Path) -> list[dict]:
+    """The recorded failures under ``out_dir``, by slide then stage."""
+    folder = Path(out_dir) / ".gmrpath" / "failed"
+    rows = []
+    for f in sorted(folder.glob("*.json")) if folder.is_dir() else []:
+        try:
+            rows.append(json.loads(f.read_text()))
+        except (OSError, ValueError):
+            continue
+    return rows
 
 
 def collect_summaries(out_dir: str | Path) -> list[dict]:
@@ -39,21 +86,33 @@ def collect_summaries(out_dir: str | Path) -> list[dict]:
 
 
 def write_cohort(out_dir: str | Path) -> tuple[Path, Path]:
-    """Write ``cohort.csv`` and ``report.html`` into ``out_dir`` (atomically).
+    """Write ``cohort.csv`` and ``report.html`` into ``out_dir`` (atomically). Slides that failed
+    are listed in the report and get a row with their error in the CSV.
 
     Raises:
-        ValueError: when no slide summary is found.
+        ValueError: ``out_dir`` is not a folder, or holds neither summaries nor failures.
     """
     out_dir = Path(out_dir)
+    if not out_dir.is_dir():
+        raise ValueError(f"{out_dir}: not a folder of slide outputs (give the --out folder of predict/segment)")
     rows = collect_summaries(out_dir)
-    if not rows:
+    failures = collect_failures(out_dir)
+    if not rows and not failures:
         raise ValueError(f"{out_dir}: no slide summaries found (run gmrpath predict or segment first)")
-    csv_path = write_cohort_csv(rows, out_dir / "cohort.csv")
+    table = [dict(r) for r in rows]
+    for fail in failures:
+        row = next((r for r in table if r.get("slide") == fail["slide"]), None)
+        if row is None:
+            row = {"slide": fail["slide"]}
+            table.append(row)
+        row[f"error.{fail['stage']}"] = fail["error"]
+    csv_path = write_cohort_csv(table, out_dir / "cohort.csv")
     body = []
     for r in rows:
         sid = r["slide"]
         overlay = Path(sid) / f"{sid}.overlay.png"
-        img = f'<img src="{html.escape(str(overlay))}" width="260">' if (out_dir / overlay).is_file() else "-"
+        src = html.escape(str(overlay))
+        img = f'<a href="{src}"><img src="{src}" width="320" alt="overlay of {html.escape(sid)}"></a>' if (out_dir / overlay).is_file() else "-"
         fractions = r.get("class_fraction", {})
         top = sorted(fractions.items(), key=lambda kv: -kv[1])[:4]
         frac = "<br>".join(f"{html.escape(k)}: {v:.1%}" for k, v in top if v > 0) or "-"
@@ -61,19 +120,30 @@ def write_cohort(out_dir: str | Path) -> tuple[Path, Path]:
         body.append(
             f"<tr><td><b>{html.escape(sid)}</b><br>{r.get('mpp', '')} mpp{trained}</td><td>{img}</td><td>{frac}</td>"
             f"<td>{r.get('tissue_area_mm2', '-')}</td><td>{r.get('tiles', '-')}</td>"
-            f"<td>{r.get('nuclei_count', '-')}</td><td>{r.get('nuclei_per_mm2', '-')}</td><td>{r.get('tiles_per_s', '-')}</td></tr>"
+            f"<td>{r.get('nuclei_count', '-')}</td><td>{r.get('nuclei_per_mm2', '-')}</td></tr>"
         )
+    failed_html = ""
+    if failures:
+        items = os.linesep.join(
+            f"<tr><td><b>{html.escape(f['slide'])}</b></td><td>{html.escape(f['stage'])}</td><td><code>{html.escape(f['error'])}</code></td></tr>"
+            for f in failures
+        )
+        failed_html = (f'<h2 class="warn">{len(failures)} failed</h2><p>Fix the cause and rerun: finished slides are kept.</p>'
+                       f"<table><tr><th>slide</th><th>stage</th><th>error</th></tr>{os.linesep}{items}</table>")
     page = f"""<!doctype html><html><head><meta charset="utf-8"><title>GMR-Path cohort report</title>
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}}
 th{{background:#f3f3f3}}.warn{{color:#b00;font-size:85%}}</style></head><body>
-<h1>GMR-Path cohort report</h1><p>{len(rows)} slide(s); full table: <a href="cohort.csv">cohort.csv</a>.</p>
+<h1>GMR-Path cohort report</h1><p>{len(rows)} slide(s) done, {len(failures)} failed; full table with run times and speeds:
+<a href="cohort.csv">cohort.csv</a>. Click an overlay for the full-size image.</p>
+{failed_html}
 <table><tr><th>slide</th><th>overlay</th><th>top classes (tiles)</th><th>tissue mm&sup2;</th><th>tiles</th>
-<th>nuclei</th><th>nuclei / mm&sup2;</th><th>tiles/s</th></tr>
+<th>nuclei</th><th>nuclei / mm&sup2;</th></tr>
 {os.linesep.join(body)}
 </table></body></html>
 """
+    from .outputs import atomic_path
+
     html_path = out_dir / "report.html"
-    tmp = html_path.with_name(".report.html.tmp")
-    tmp.write_text(page)
-    tmp.replace(html_path)
+    with atomic_path(html_path) as tmp:
+        tmp.write_text(page)
     return csv_path, html_path

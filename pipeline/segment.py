@@ -27,7 +27,8 @@ from typing import Optional
 
 import numpy as np
 
-from .predict import Progress, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
+from .outputs import disk_errors, slide_lock
+from .predict import Progress, _ensure_writable, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
 from .read import read_region, slide_id
 from .write_geojson import pixel_outline, polygon_feature, write_feature_collection
 from .write_zarr import done_chunks, finalize_store, mark_chunk_done, open_partial_store, store_matches, stored_attrs, write_label
@@ -101,60 +102,62 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     slide = open_configured_slide(path, cfg)
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)
-    mask, _ = tissue_stage(slide, cfg, out_dir)
-    w0, h0 = slide.dimensions
-    f = spec.mpp / slide.mpp  # level-0 px per output px
-    width, height = math.ceil(w0 / f), math.ceil(h0 / f)
-    n_bx, n_by = math.ceil(width / block_px), math.ceil(height / block_px)
-    m = cfg.tissue.mask_mpp / spec.mpp  # output px per mask px
-    blocks = [(by, bx) for by in range(n_by) for bx in range(n_bx)
-              if mask[int(by * block_px / m): math.ceil((by + 1) * block_px / m), int(bx * block_px / m): math.ceil((bx + 1) * block_px / m)].any()]
-    final = paths["nuclei_zarr"]
-    margin = model_margin_px(loaded)
-    fingerprint = json_safe({**run_fingerprint(slide, spec, loaded.checksum, cfg), "block_px": block_px,
-                             "postprocess": post.to_dict(), "margin_px": margin})
-    blocks_per_s = None
-    if not store_matches(final, fingerprint):
-        group, _ = open_partial_store(final, fingerprint)
-        if "0" not in group:
-            group.create_array("0", shape=(1, height, width), chunks=(1, block_px, block_px), dtype="uint8", fill_value=0,
-                               dimension_names=("c", "y", "x"))
-            group.create_array("_labels", shape=(height, width), chunks=(block_px, block_px), dtype="uint64", fill_value=0)
-        finished = done_chunks(group)
-        todo = [(by, bx) for by, bx in blocks if by * n_bx + bx not in finished]
-        prepare_model(loaded, dev)
-        multiple = _size_multiple(loaded)
-        t0 = time.perf_counter()
-        for k, (by, bx) in enumerate(todo):
-            x0, y0 = bx * block_px, by * block_px
-            bw, bh = min(block_px, width - x0), min(block_px, height - y0)
-            region = read_region(slide, (round((x0 - margin) * f), round((y0 - margin) * f)), (bw + 2 * margin, bh + 2 * margin), spec.mpp)
-            maps = segment_maps(loaded.module, torch.from_numpy(region), loaded.mean, loaded.std, dev, multiple, cfg.run.amp, cfg.run.tta)
-            group["0"][0, y0: y0 + bh, x0: x0 + bw] = np.round(maps[0, margin: margin + bh, margin: margin + bw] * 255).astype(np.uint8)
-            group["_labels"][y0: y0 + bh, x0: x0 + bw] = block_instances(maps, post, margin, (bh, bw), (x0, y0), width)
-            mark_chunk_done(group, by * n_bx + bx)
-            if progress is not None:
-                progress(k + 1, len(todo))
-            if stop_after_blocks is not None and k + 1 >= stop_after_blocks:
-                raise KeyboardInterrupt(f"stopped after {k + 1} blocks (test hook)")
-        if todo:
-            blocks_per_s = round(len(todo) / (time.perf_counter() - t0), 3)
-        _finish_nuclei_store(group, final, slide, spec, f, fingerprint, loaded, blocks_per_s)
-    else:
-        blocks_per_s = stored_attrs(final).get("blocks_per_s")
-    store = zarr.open_group(str(final), mode="r")
-    n_features = _write_nuclei_geojson(store, paths["nuclei_geojson"], sid, f, block_px, spec.mpp)
-    tissue_mm2 = float(mask.sum()) * cfg.tissue.mask_mpp**2 / 1e6
-    summary = {
-        "slide": sid, "mpp": round(slide.mpp, 5), "seg_mpp": spec.mpp, "model": loaded.name,
-        "model_checksum": loaded.checksum, "trained": loaded.trained, "device": str(dev),
-        "nuclei_count": n_features, "nuclei_per_mm2": round(n_features / tissue_mm2, 2) if tissue_mm2 else None,
-        "blocks": len(blocks), "block_px": block_px, "margin_px": margin, "blocks_per_s": blocks_per_s,
-        "megapixels_per_s": round(blocks_per_s * block_px**2 / 1e6, 4) if blocks_per_s else None,
-        "run_time_s": round(time.perf_counter() - start, 2),
-        "outputs": {"nuclei_zarr": str(final), "nuclei_geojson": str(paths["nuclei_geojson"])},
-    }
-    write_summary(summary, paths["nuclei_summary_json"])
+    _ensure_writable(paths["dir"])
+    with slide_lock(paths["dir"]), disk_errors(paths["dir"]):
+        mask, _ = tissue_stage(slide, cfg, out_dir)
+        w0, h0 = slide.dimensions
+        f = spec.mpp / slide.mpp  # level-0 px per output px
+        width, height = math.ceil(w0 / f), math.ceil(h0 / f)
+        n_bx, n_by = math.ceil(width / block_px), math.ceil(height / block_px)
+        m = cfg.tissue.mask_mpp / spec.mpp  # output px per mask px
+        blocks = [(by, bx) for by in range(n_by) for bx in range(n_bx)
+                  if mask[int(by * block_px / m): math.ceil((by + 1) * block_px / m), int(bx * block_px / m): math.ceil((bx + 1) * block_px / m)].any()]
+        final = paths["nuclei_zarr"]
+        margin = model_margin_px(loaded)
+        fingerprint = json_safe({**run_fingerprint(slide, spec, loaded.checksum, cfg, dev), "block_px": block_px,
+                                 "postprocess": post.to_dict(), "margin_px": margin})
+        blocks_per_s = None
+        if not store_matches(final, fingerprint):
+            group, _ = open_partial_store(final, fingerprint)
+            if "0" not in group:
+                group.create_array("0", shape=(1, height, width), chunks=(1, block_px, block_px), dtype="uint8", fill_value=0,
+                                   dimension_names=("c", "y", "x"))
+                group.create_array("_labels", shape=(height, width), chunks=(block_px, block_px), dtype="uint64", fill_value=0)
+            finished = done_chunks(group)
+            todo = [(by, bx) for by, bx in blocks if by * n_bx + bx not in finished]
+            prepare_model(loaded, dev)
+            multiple = _size_multiple(loaded)
+            t0 = time.perf_counter()
+            for k, (by, bx) in enumerate(todo):
+                x0, y0 = bx * block_px, by * block_px
+                bw, bh = min(block_px, width - x0), min(block_px, height - y0)
+                region = read_region(slide, (round((x0 - margin) * f), round((y0 - margin) * f)), (bw + 2 * margin, bh + 2 * margin), spec.mpp)
+                maps = segment_maps(loaded.module, torch.from_numpy(region), loaded.mean, loaded.std, dev, multiple, cfg.run.amp, cfg.run.tta)
+                group["0"][0, y0: y0 + bh, x0: x0 + bw] = np.round(maps[0, margin: margin + bh, margin: margin + bw] * 255).astype(np.uint8)
+                group["_labels"][y0: y0 + bh, x0: x0 + bw] = block_instances(maps, post, margin, (bh, bw), (x0, y0), width)
+                mark_chunk_done(group, by * n_bx + bx)
+                if progress is not None:
+                    progress(k + 1, len(todo))
+                if stop_after_blocks is not None and k + 1 >= stop_after_blocks:
+                    raise KeyboardInterrupt(f"stopped after {k + 1} blocks (test hook)")
+            if todo:
+                blocks_per_s = round(len(todo) / (time.perf_counter() - t0), 3)
+            _finish_nuclei_store(group, final, slide, spec, f, fingerprint, loaded, blocks_per_s)
+        else:
+            blocks_per_s = stored_attrs(final).get("blocks_per_s")
+        store = zarr.open_group(str(final), mode="r")
+        n_features = _write_nuclei_geojson(store, paths["nuclei_geojson"], sid, f, block_px, spec.mpp)
+        tissue_mm2 = float(mask.sum()) * cfg.tissue.mask_mpp**2 / 1e6
+        summary = {
+            "slide": sid, "mpp": round(slide.mpp, 5), "seg_mpp": spec.mpp, "model": loaded.name,
+            "model_checksum": loaded.checksum, "trained": loaded.trained, "device": str(dev),
+            "nuclei_count": n_features, "nuclei_per_mm2": round(n_features / tissue_mm2, 2) if tissue_mm2 else None,
+            "blocks": len(blocks), "block_px": block_px, "margin_px": margin, "blocks_per_s": blocks_per_s,
+            "megapixels_per_s": round(blocks_per_s * block_px**2 / 1e6, 4) if blocks_per_s else None,
+            "run_time_s": round(time.perf_counter() - start, 2),
+            "outputs": {"nuclei_zarr": str(final), "nuclei_geojson": str(paths["nuclei_geojson"])},
+        }
+        write_summary(summary, paths["nuclei_summary_json"])
     slide.close()
     return summary
 

@@ -15,6 +15,8 @@ import json
 from pathlib import Path
 from typing import Iterable
 
+from .outputs import atomic_path
+
 __all__ = ["write_summary", "read_summary", "flatten", "write_cohort_csv"]
 
 
@@ -33,9 +35,8 @@ def flatten(summary: dict, prefix: str = "") -> dict:
 
 
 def _atomic_write(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(text)
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(text)
 
 
 def write_summary(summary: dict, path: str | Path) -> Path:
@@ -44,12 +45,10 @@ def write_summary(summary: dict, path: str | Path) -> Path:
     _atomic_write(path, json.dumps(summary, indent=2, default=str))
     flat = flatten(summary)
     csv_path = path.with_suffix(".csv")
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(csv_path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(flat))
         writer.writeheader()
         writer.writerow(flat)
-    tmp.replace(csv_path)
     return path
 
 
@@ -64,10 +63,8 @@ def write_cohort_csv(summaries: Iterable[dict], path: str | Path) -> Path:
     for row in rows:
         columns += [c for c in row if c not in columns]
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
-    with tmp.open("w", newline="") as f:
+    with atomic_path(path) as tmp, tmp.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=columns)
         writer.writeheader()
         writer.writerows(rows)
-    tmp.replace(path)
     return path

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .outputs import atomic_path
 from .read import Slide, SlideError, read_region
 
 __all__ = ["NoTissueError", "render_thumbnail", "detect_tissue", "save_mask_png", "mask_png_meta"]
@@ -82,12 +83,11 @@ def save_mask_png(mask: np.ndarray, path: str | Path, meta: dict | None = None) 
     from PIL.PngImagePlugin import PngInfo
 
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp.png")  # unique: parallel stages may write it
     info = PngInfo()
     if meta is not None:
         info.add_text("gmrpath", json.dumps(meta, sort_keys=True))
-    Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, pnginfo=info)
-    tmp.replace(path)
+    with atomic_path(path, ".png") as tmp:  # unique per process: parallel stages may write it
+        Image.fromarray(mask.astype(np.uint8) * 255).save(tmp, pnginfo=info)
     return path
 
 

@@ -19,6 +19,8 @@ import uuid
 from pathlib import Path
 from typing import Iterable, Sequence
 
+from .outputs import atomic_path
+
 __all__ = ["polygon_feature", "write_feature_collection", "pixel_outline"]
 
 _NAMESPACE = uuid.UUID("6f1c3d2e-6a57-4f7e-9a43-3c7f0c1e5b21")
@@ -48,15 +50,13 @@ def polygon_feature(ring: Sequence[tuple[float, float]], object_type: str, class
 def write_feature_collection(features: Iterable[dict], path: str | Path) -> tuple[Path, int]:
     """Stream ``features`` into a FeatureCollection at ``path`` (atomic). Returns (path, count)."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     count = 0
-    with tmp.open("w") as f:
+    with atomic_path(path) as tmp, tmp.open("w") as f:
         f.write('{"type": "FeatureCollection", "features": [\n')
         for feature in features:
             f.write((",\n" if count else "") + json.dumps(feature, separators=(",", ":")))
             count += 1
         f.write("\n]}\n")
-    tmp.replace(path)
     return path, count
 
 

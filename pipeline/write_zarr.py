@@ -32,13 +32,14 @@ __all__ = [
     "finalize_store", "hex_color", "store_is_complete", "store_matches", "stored_attrs",
 ]
 
+from .outputs import atomic_path
+
 PROGRESS = "progress.json"
 
 
 def _atomic_json(path: Path, payload: dict) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(json.dumps(payload, indent=1))
-    tmp.replace(path)
+    with atomic_path(path) as tmp:
+        tmp.write_text(json.dumps(payload, indent=1))
 
 
 def partial_path(final: Path) -> Path:

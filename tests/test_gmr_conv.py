@@ -318,11 +318,11 @@ def test_arbitrary_angle_equivariance_on_the_central_disc():
 
 # ---------------------------------------------------------------- state, caching, devices
 def test_cache_never_enters_state_dict_and_load_invalidates_it():
-    conv = GMRConv(2, 3, 4, 5).eval()
+    conv = GMRConv(2, 3, 4, 5).eval().freeze()
     x = _x(2, c=3)
     with torch.no_grad():
         y0 = conv(x)
-    assert set(conv.state_dict()) == {"weight", "bias", "log_sigma"}
+    assert conv._cache and set(conv.state_dict()) == {"weight", "bias", "log_sigma"}
     other = GMRConv(2, 3, 4, 5)
     conv.load_state_dict(other.state_dict())
     with torch.no_grad():
@@ -336,17 +336,91 @@ def test_train_eval_and_grad_modes_agree():
     conv = GMRConv(2, 3, 4, 7)
     x = _x(2, c=3)
     y_train = conv(x)
-    conv.eval()
+    conv.eval().freeze()
     with torch.no_grad():
         y_eval = conv(x)
         y_eval_again = conv(x)  # served from the cache
     assert_close_rel(y_eval, y_train.detach(), 1e-6)
     assert torch.equal(y_eval, y_eval_again)
     conv.train()
+    assert not conv.frozen  # train() leaves frozen mode
     with torch.no_grad():
         conv.weight.mul_(2)  # an optimiser step bumps the version counter
     with torch.no_grad():
         assert_close_rel(conv.eval()(x), 2 * (y_eval - conv.bias.view(1, -1, 1, 1)) + conv.bias.view(1, -1, 1, 1), 1e-5)
+
+
+def _fresh(conv: GMRConv, x: torch.Tensor) -> torch.Tensor:
+    """The output computed from the parameters as they are now, bypassing every cache."""
+    return F.conv2d(x, conv.kernel(), conv.bias, padding=conv.kernel_size // 2)
+
+
+@pytest.mark.parametrize("edit", ["weight", "log_sigma"])
+def test_no_stale_kernel_after_param_data_edits(edit):
+    """``param.data`` edits bypass version counters: an unfrozen layer must still see them."""
+    conv = GMRConv(2, 3, 4, 5, impl="dense").eval()
+    x = _x(2, c=3)
+    with torch.no_grad():
+        conv(x)
+        getattr(conv, edit).data.mul_(1.5)
+        assert_close_rel(conv(x), _fresh(conv, x), 1e-6)
+    assert not conv._cache  # nothing is cached unless frozen
+
+
+def test_no_stale_kernel_under_parametrize():
+    """A parametrized weight is recomputed at every access and may reuse a freed address."""
+    from torch.nn.utils import parametrize
+
+    class Scale(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.factor = 1.0
+
+        def forward(self, w):
+            return w * self.factor
+
+    for frozen in (False, True):
+        conv = GMRConv(2, 3, 4, 5, impl="dense").eval()
+        scale = Scale()
+        parametrize.register_parametrization(conv, "weight", scale)
+        if frozen:
+            conv.freeze()
+        x = _x(2, c=3)
+        with torch.no_grad():
+            for step in range(30):
+                scale.factor = 1.0 + step / 10
+                assert_close_rel(conv(x), _fresh(conv, x), 1e-6)
+
+
+def test_data_parallel_replicas_get_their_own_cache():
+    conv = GMRConv(2, 3, 4, 5).eval().freeze()
+    with torch.no_grad():
+        conv(_x(2, c=3))
+    replica = conv._replicate_for_data_parallel()
+    assert conv._cache and replica._cache == {} and replica._cache is not conv._cache
+
+
+def test_frozen_mode_builds_the_kernel_once_and_freeze_kernels_reaches_every_layer(monkeypatch):
+    from gmr_models import create_model, freeze_kernels
+
+    net = create_model("gmr_unet", base_channels=4, kernel_sizes=(5, 3)).eval()
+    convs = [m for m in net.modules() if isinstance(m, GMRConv)]
+    calls = []
+    for m in convs:
+        build = m.conv_weights
+        monkeypatch.setattr(m, "conv_weights", lambda impl, build=build: calls.append(impl) or build(impl))
+    x = _x(2, c=3, size=8)
+    with torch.no_grad():
+        y0 = net(x)
+        net(x)
+        assert len(calls) == 2 * len(convs)  # unfrozen: built at every forward
+        freeze_kernels(net)
+        calls.clear()
+        y1, y2 = net(x), net(x)
+    assert len(calls) == len(convs) and all(m.frozen for m in convs)
+    assert torch.equal(y1, y2) and torch.allclose(y0, y1, atol=1e-6)
+    freeze_kernels(net, False)
+    assert not any(m.frozen for m in convs)
 
 
 def test_float64_construction_and_to_dtype():

@@ -38,6 +38,11 @@ def test_unknown_model_is_a_value_error_listing_names():
         ("gmr_resnet18", dict(norm="group"), "norm"),
         ("gmr_unet", dict(kernel_sizes=()), "kernel_sizes"),
         ("gmr_unet", dict(out_channels=0), "out_channels"),
+        ("gmr_unet", dict(kernel_sizes=(5, 3), num_rings=(5,)), "num_rings"),
+        ("gmr_unet", dict(kernel_sizes=(5, 3), num_rings=(6, 3)), "num_rings"),
+        ("gmr_unet", dict(kernel_sizes=(5, 3), gmr_kwargs={"num_rings": 3}), "num_rings"),
+        ("gmr_unet", dict(kernel_sizes=(5, 3), gmr_kwargs={"sigma": "wide"}), "sigma"),
+        ("gmr_unet", dict(kernel_sizes=(5, 3), gmr_kwargs=["sigma"]), "gmr_kwargs"),
     ],
 )
 def test_bad_network_arguments(name, kwargs, match):
@@ -85,8 +90,13 @@ def test_gmr_classifiers_are_exactly_invariant(d, name):
 
 
 @pytest.mark.parametrize("d", [2, 3])
-def test_gmr_unet_is_exactly_equivariant(d):
-    net = create_model("gmr_unet", spatial_dims=d, out_channels=2, kernel_sizes=KERNELS[d], **SMALL).eval()
+@pytest.mark.parametrize("rings", [False, True])
+def test_gmr_unet_is_exactly_equivariant(d, rings):
+    extra = dict(num_rings=KERNELS[d], gmr_kwargs={"sigma": "channel"}) if rings else {}  # a ring per radius
+    net = create_model("gmr_unet", spatial_dims=d, out_channels=2, kernel_sizes=KERNELS[d], **SMALL, **extra).eval()
+    if rings:
+        convs = [m for m in net.modules() if type(m).__name__ == "GMRConv"]
+        assert convs and all(m.num_rings == m.kernel_size and m.sigma == "channel" for m in convs)
     x = torch.randn(1, 3, *([SIZE[d]] * d))
     with torch.no_grad():
         y = net(x)

@@ -265,7 +265,7 @@ class _Evil:
 def test_checkpoint_with_code_is_refused(tmp_path):
     path = tmp_path / "evil.pt"
     torch.save({"format": "gmrpath-checkpoint-v1", "payload": _Evil()}, path)
-    with pytest.raises(ModelError, match="evil.pt: not a readable GMR-Path checkpoint"):
+    with pytest.raises(ModelError, match="evil.pt: refused: the file carries Python code"):
         load_model(ModelSpec(model=str(path)))
 
 

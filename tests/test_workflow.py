@@ -94,6 +94,8 @@ def test_snakemake_runs_every_good_slide_and_reports_the_bad_one(tmp_path):
     slides.mkdir()
     shutil.copy(DEMO, slides / "good.svs")
     (slides / "broken.svs").write_bytes(b"not a slide at all")
+    (slides / "gone.svs").symlink_to(tmp_path / "moved-away.svs")  # dangling
+    (slides / "folder.svs").mkdir()
     cfg = tmp_path / "run.yaml"
     cfg.write_text(yaml.safe_dump({
         "slides": str(slides), "out": str(tmp_path / "out"),
@@ -107,12 +109,20 @@ def test_snakemake_runs_every_good_slide_and_reports_the_bad_one(tmp_path):
     out = tmp_path / "out"
     assert (out / "good" / "good.summary.json").is_file()  # ... and the good one still finishes
     assert (out / "good" / "good.classify.ome.zarr" / "zarr.json").is_file()
+    assert not list((out / "good" / "good.classify.ome.zarr").rglob(".snakemake_timestamp"))
     log = (out / "logs" / "broken.tissue.log").read_text()
     assert "broken.svs" in log and "not a readable slide" in log
+    assert len(log.strip().splitlines()) == 1  # one line, however long
+    assert "gone.svs" in proc.stderr and "folder.svs" in proc.stderr  # reported and skipped
+    # the workflow still wrote the cohort table and report, failed slides listed with their error
+    page, table = (out / "report.html").read_text(), (out / "cohort.csv").read_text()
+    assert "good.overlay.png" in page and "good" in table
+    for name in ("broken", "gone", "folder"):
+        assert name in page and name in table
+    assert "not a readable slide" in page and "dangling" in page
     # a second run would redo only the broken slide's jobs
     proc2 = subprocess.run(cmd + ["--dry-run"], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert "slide=broken" in proc2.stdout and "slide=good" not in proc2.stdout
-    # the cohort step over what finished
     csv_path, html_path = write_cohort(out)
     assert "good" in csv_path.read_text() and "good.overlay.png" in html_path.read_text()
 

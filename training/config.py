@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-import yaml
+from pipeline.config import ConfigError, load_yaml
 
 __all__ = ["TrainConfigError", "DataConfig", "AugmentConfig", "OptimConfig", "TrainConfig", "load_train_config"]
 
@@ -223,9 +223,9 @@ def load_train_config(path: str | Path, overrides: Optional[dict] = None, check_
     if not path.is_file():
         raise TrainConfigError(f"{path}: training config not found")
     try:
-        data = yaml.safe_load(path.read_text()) or {}
-    except yaml.YAMLError as err:
-        raise TrainConfigError(f"{path}: not valid YAML: {err}") from None
+        data = load_yaml(path) or {}
+    except ConfigError as err:
+        raise TrainConfigError(str(err)) from None
     if not isinstance(data, dict):
         raise TrainConfigError(f"{path}: a training config must be a mapping")
     data = _merge(data, overrides or {})

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 import yaml
 
-from gmr_models import create_model
+from gmr_models import create_model, freeze_kernels
 from pipeline.infer import segment_maps
 from pipeline.instances import PostProcess, instances_from_maps
 from pipeline.models import save_checkpoint
@@ -153,7 +153,7 @@ def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True
     (your own validation images: never the images you report as unseen)."""
     from .metrics import aji
 
-    module.eval()
+    freeze_kernels(module.eval())
     maps = [nuclei_maps(module, s, model_mpp, device, 0.0, amp) for s in samples]
     rows = []
     for fg in TUNE_FG:
@@ -169,7 +169,7 @@ def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True
 def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dict:
     from .metrics import segmentation_scores
 
-    module.eval()
+    freeze_kernels(module.eval())
     post = PostProcess()
     rows = []
     for s in data.val:  # default post-processing here; tuned once at the end of the run
@@ -185,7 +185,7 @@ def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dic
 def _validate_classify(module, loader, device, n_classes: int, amp: bool) -> dict:
     from .metrics import classification_scores
 
-    module.eval()
+    freeze_kernels(module.eval())
     probs, labels, loss = [], [], 0.0
     with torch.no_grad(), _autocast(device, amp):
         for x, y in loader:

@@ -7,17 +7,26 @@ from pathlib import Path
 
 import yaml
 
-from pipeline.config import ConfigError, config_from_dict, config_to_dict, find_slides
+from pipeline.config import ConfigError, config_from_dict, config_to_dict, scan_slides
+from pipeline.report import clear_failure, collect_failures, record_failure, write_cohort
 
 configfile: "configs/default.yaml"
 
 try:
     CFG = config_from_dict(dict(config), "Snakemake config (configs/default.yaml + --config/--configfile)", base=Path.cwd())
-    SLIDES = find_slides(CFG.slides)
+    SLIDES, SKIPPED = scan_slides(CFG.slides)
 except ConfigError as err:
     raise WorkflowError(f"invalid configuration: {err}")
 
 OUT = Path(CFG.out)
+for _fail in collect_failures(OUT):  # entries skipped last time and since fixed or removed
+    if _fail["stage"] == "find":
+        clear_failure(OUT, _fail["path"], "find")
+for _path, _why in SKIPPED:  # reported and skipped, not a MissingInputException that stops every slide
+    print(f"gmrpath: skipping {_path}: {_why}", file=sys.stderr)
+    record_failure(OUT, _path, "find", _why)
+if not SLIDES:
+    raise WorkflowError(f"{CFG.slides}: no readable slides found")
 RESOLVED = OUT / ".gmrpath" / "config.yaml"
 RESOLVED.parent.mkdir(parents=True, exist_ok=True)
 _text = yaml.safe_dump(config_to_dict(CFG), sort_keys=False)
@@ -65,7 +74,6 @@ rule classify:
         config=RESOLVED,
     output:
         summary=OUT / "{slide}" / "{slide}.summary.json",
-        zarr=directory(OUT / "{slide}" / "{slide}.classify.ome.zarr"),
         geojson=OUT / "{slide}" / "{slide}.tiles.geojson",
         overlay=OUT / "{slide}" / "{slide}.overlay.png",
     log:
@@ -84,7 +92,6 @@ rule segment:
         config=RESOLVED,
     output:
         summary=OUT / "{slide}" / "{slide}.nuclei.summary.json",
-        zarr=directory(OUT / "{slide}" / "{slide}.nuclei.ome.zarr"),
         geojson=OUT / "{slide}" / "{slide}.nuclei.geojson",
     log:
         OUT / "logs" / "{slide}.segment.log",
@@ -93,6 +100,19 @@ rule segment:
         gpu=1 if CFG.run.device.startswith("cuda") else 0,
     shell:
         "{GMRPATH} segment {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+
+
+# The OME-Zarr stores are written (atomically, resumably) by the commands and are not declared as
+# directory() outputs, which would make Snakemake put a .snakemake_timestamp file inside them.
+
+
+onerror:
+    # some slides failed (their one-line errors are recorded): still write the table and report
+    try:
+        write_cohort(OUT)
+        print(f"gmrpath: wrote {OUT / 'report.html'} listing the failed slides", file=sys.stderr)
+    except (ValueError, OSError) as err:
+        print(f"gmrpath: no cohort report: {err}", file=sys.stderr)
 
 
 rule cohort:

@@ -38,6 +38,7 @@ from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
+from torch.nn.utils import parametrize
 from torch import Tensor, nn
 
 from .factories import CONV_FUNCTIONS, check_spatial_dims
@@ -238,6 +239,7 @@ class GMRConv(nn.Module):
         else:  # a fixed width is still state: a trained model may have been saved with another
             self.register_buffer("log_sigma", log_sigma)
         self._cache: dict = {}
+        self._frozen = False
         self.reset_parameters()
 
     # ------------------------------------------------------------------ parameters
@@ -364,11 +366,57 @@ class GMRConv(nn.Module):
             depthwise = basis.reshape(self.in_channels * n, 1, *([k] * d))
         return depthwise, self.weight.reshape(self.out_channels, cg * n, *ones)
 
+    # ------------------------------------------------------------------ kernel cache
+    def freeze(self) -> "GMRConv":
+        """Build the kernel once and reuse it for inference (``"frozen"`` mode), like timm's
+        ``reparameterize``: a snapshot of the parameters as they are now.
+
+        Until this is called every forward builds its kernel from the current parameters, so
+        no edit (optimiser steps, ``param.data``, ``parametrize``, ``DataParallel`` replicas)
+        can ever meet a stale kernel. Frozen, the kernel is reused while no gradient is
+        recorded; it is rebuilt when the parameters' storage or version changes (optimiser
+        steps, ``load_state_dict``), and dropped by :meth:`unfreeze`, ``train()`` and device or
+        dtype moves. Edits that bypass version counters (``param.data``) need
+        ``unfreeze()`` first. Parametrized layers are never cached. The cache is a plain
+        attribute: it never enters ``state_dict``.
+
+        Returns:
+            ``self``.
+        """
+        self._frozen = True
+        self._cache.clear()
+        return self
+
+    def unfreeze(self) -> "GMRConv":
+        """Leave frozen mode: every forward builds its kernel again. Returns ``self``."""
+        self._frozen = False
+        self._cache.clear()
+        return self
+
+    @property
+    def frozen(self) -> bool:
+        """Whether built kernels are reused (see :meth:`freeze`)."""
+        return self._frozen
+
+    def train(self, mode: bool = True) -> "GMRConv":
+        if mode:
+            self.unfreeze()
+        return super().train(mode)
+
+    def _replicate_for_data_parallel(self):
+        replica = super()._replicate_for_data_parallel()
+        replica._cache = {}  # replicas get their own parameters, so never the original's kernels
+        return replica
+
     def _cached(self, x: Tensor, impl: str) -> tuple[Tensor, ...]:
-        """:meth:`conv_weights`, reused while no gradient is recorded and the parameters are
-        unchanged (keyed on their version counters, which optimiser steps and load_state_dict
-        bump). The cache is a plain attribute: it never enters ``state_dict``."""
-        if torch.is_grad_enabled() or torch.compiler.is_compiling() or torch.jit.is_scripting():
+        """:meth:`conv_weights`, reused only in frozen mode (see :meth:`freeze`)."""
+        if (
+            not self._frozen
+            or torch.is_grad_enabled()
+            or torch.compiler.is_compiling()
+            or torch.jit.is_scripting()
+            or parametrize.is_parametrized(self)
+        ):
             return self.conv_weights(impl)
         key = (x.device, x.dtype) + tuple((p.data_ptr(), p._version) for p in (self.weight, self.log_sigma))
         hit = self._cache.get(impl)
@@ -438,3 +486,19 @@ class GMRConv3d(GMRConv):
 
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, **kwargs) -> None:
         super().__init__(3, in_channels, out_channels, kernel_size, **kwargs)
+
+
+def freeze_kernels(module: nn.Module, frozen: bool = True) -> nn.Module:
+    """Switch every :class:`GMRConv` in ``module`` into (or out of) frozen mode
+    (:meth:`GMRConv.freeze`): the slide pipeline freezes its model for inference.
+
+    Example:
+        >>> from gmr_models import create_model, freeze_kernels
+        >>> net = freeze_kernels(create_model("gmr_unet", base_channels=4, kernel_sizes=(3, 3)).eval())
+        >>> all(m.frozen for m in net.modules() if isinstance(m, GMRConv))
+        True
+    """
+    for m in module.modules():
+        if isinstance(m, GMRConv):
+            m.freeze() if frozen else m.unfreeze()
+    return module
