@@ -311,3 +311,17 @@ def test_tile_sizes_that_break_exact_invariance_are_refused_at_load(tile_px):
         config_from_dict({"slides": str(DEMO), "classify": {"preset": "nct_crc", "tile_px": tile_px}})
     for ok in (224, 96, 64):
         config_from_dict({"slides": str(DEMO), "classify": {"preset": "nct_crc", "tile_px": ok}})
+
+
+def test_the_pipeline_freezes_its_model_and_training_unfreezes_it():
+    from gmr_models import GMRConv
+    from pipeline.config import PRESETS, ModelSpec
+    from pipeline.infer import prepare_model
+    from pipeline.models import load_model
+
+    spec = ModelSpec(**{**PRESETS["nuclei"], "model": "gmr_unet", "model_kwargs": {"base_channels": 4, "kernel_sizes": [3, 3]}})
+    loaded = prepare_model(load_model(spec, check=False), torch.device("cpu"))
+    convs = [m for m in loaded.module.modules() if isinstance(m, GMRConv)]
+    assert convs and all(m.frozen for m in convs)
+    loaded.module.train()
+    assert not any(m.frozen for m in convs)
