@@ -41,7 +41,7 @@ def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = N
 
     dev = resolve_device(device)
     base = ModelSpec(**PRESETS["nuclei"])
-    specs = {Path(m).name if m.endswith(".pt") else m: dataclasses.replace(base, model=m) for m in (models or [base.model])}
+    specs = {_label(m, models or [base.model]): dataclasses.replace(base, model=m) for m in (models or [base.model])}
     specs["previous default (gmr_unet b32 9/9/5/5)"] = dataclasses.replace(base, **PREVIOUS_DEFAULT)
     rng = np.random.default_rng(0)
     fns, margins = {}, {}
@@ -71,3 +71,12 @@ def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = N
                                 "blocks": summary["blocks"], "megapixels": round(summary["blocks"] * block_px**2 / 1e6, 2)}
         result["end_to_end"]["megapixels_per_s"] = round(result["end_to_end"]["megapixels"] / wall, 3)
     return result
+
+
+def _label(model: str, models: Sequence[str]) -> str:
+    """A checkpoint's file name, with its folder when another candidate has the same name."""
+    if not model.endswith(".pt"):
+        return model
+    path = Path(model)
+    same = [m for m in models if m.endswith(".pt") and Path(m).name == path.name]
+    return f"{path.parent.name}/{path.name}" if len(same) > 1 else path.name

@@ -339,17 +339,30 @@ def bench_network(
     model: str = typer.Option("gmr_resnet18", help="Registered model name."),
     shape: str = typer.Option("16,3,224,224", help="Input shape N,C,H,W (or N,C,D,H,W)."),
     base_channels: int = typer.Option(32, help="base_channels of the model."),
+    model_kwargs: str = typer.Option("{}", help="More model arguments as a YAML/JSON mapping, e.g. "
+                                     "'{kernel_sizes: [5, 5, 3, 3], num_rings: [5, 5, 3, 3]}'."),
     device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N."),
     repeats: int = typer.Option(3, min=1, help="Timed rounds; the best is reported."),
     out: Path = typer.Option(Path("results/benchmark_network.json"), help="Where to write the JSON results."),
 ) -> None:
     """Whole-network inference with every GMRConv on auto, rings or dense: checks impl="auto" on real layers."""
+    import yaml
+
     from benchmarks.common import write_json
     from benchmarks.conv import run_network_benchmark
     from pipeline.runtime import resolve_device
 
+    try:
+        extra = yaml.safe_load(model_kwargs)
+    except yaml.YAMLError as err:
+        raise typer.BadParameter(f"--model-kwargs is not YAML: {err}") from None
+    if not isinstance(extra, dict) or "base_channels" in extra:
+        raise typer.BadParameter(f"--model-kwargs must be a mapping of model arguments other than base_channels, got {model_kwargs!r}")
     with console.status("benchmarking"):
-        result = run_network_benchmark(model, _ints(shape, "shape"), resolve_device(device), repeats, base_channels=base_channels)
+        try:
+            result = run_network_benchmark(model, _ints(shape, "shape"), resolve_device(device), repeats, base_channels=base_channels, **extra)
+        except (TypeError, ValueError) as err:
+            _fail(ValueError(f"{model} with {extra}: {err}"))
     table = Table(title=f"{model} (base {base_channels}) on {result['shape']}, {result['device']}")
     for col in ("impl", "ms per batch", "vs auto"):
         table.add_column(col, justify="right")

@@ -42,3 +42,24 @@ def test_benchmark_network_times_every_impl_and_lists_auto_choices(tmp_path):
     data = json.loads(out.read_text())
     assert set(data["ms"]) == {"auto", "rings", "dense"}
     assert "3->4 k9" in data["auto_choices"] and set(data["auto_choices"].values()) <= {"rings", "dense"}
+
+
+def test_benchmark_network_takes_model_kwargs_and_refuses_bad_ones(tmp_path):
+    out = tmp_path / "unet.json"
+    result = CliRunner().invoke(app, ["benchmark", "network", "--model", "gmr_unet", "--shape", "1,3,32,32", "--base-channels", "4",
+                                      "--model-kwargs", "{kernel_sizes: [5, 5, 3, 3], num_rings: [5, 5, 3, 3]}", "--repeats", "1",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    assert json.loads(out.read_text())["model_kwargs"]["num_rings"] == [5, 5, 3, 3]
+    for bad in ("[1, 2]", "{base_channels: 8}", "{kernel_sizes: [4, 4, 4, 4]}", "{: ["):
+        result = CliRunner().invoke(app, ["benchmark", "network", "--model", "gmr_unet", "--shape", "1,3,32,32",
+                                          "--model-kwargs", bad, "--out", str(tmp_path / "x.json")])
+        assert result.exit_code != 0 and "Traceback" not in result.output, (bad, result.output)
+        assert not (tmp_path / "x.json").exists()
+
+
+def test_segment_benchmark_labels_checkpoints_apart():
+    from benchmarks.segment import _label
+
+    models = ["models/a.pt", "runs/x/best.pt", "runs/y/best.pt", "gmr_unet"]
+    assert [_label(m, models) for m in models] == ["a.pt", "x/best.pt", "y/best.pt", "gmr_unet"]

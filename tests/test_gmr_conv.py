@@ -444,6 +444,17 @@ def test_save_and_load_with_weights_only():
 def test_auto_picks_rings_for_large_kernels_on_cpu():
     conv = GMRConv(2, 128, 128, 9)
     assert conv.choose_impl(torch.empty(1, 128, 8, 8)) == "rings"
+    with torch.no_grad():
+        assert conv.choose_impl(torch.empty(1, 128, 8, 8)) == "rings"
+
+
+def test_auto_sends_narrow_many_ring_layers_to_dense_for_cpu_inference():
+    # the nuclei U-Net's first levels: moving C_in * n ring responses costs more than the dense MACs saved
+    conv = GMRConv(2, 32, 32, 5, num_rings=5, sigma="channel")
+    x = torch.empty(1, 32, 8, 8)
+    with torch.no_grad():
+        assert conv.choose_impl(x) == "dense"
+        assert GMRConv(2, 32, 32, 9, num_rings=5, sigma="channel").choose_impl(x) == "rings"
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")

@@ -90,7 +90,7 @@ def write_cfg(tmp_path, **kw) -> Path:
 
 # --- config ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet"])
+@pytest.mark.parametrize("name", ["train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet"])
 def test_shipped_training_configs_load(name):
     cfg = load_train_config(REPO / "configs" / f"{name}.yaml", check_paths=SHARED_DATA.is_dir())
     assert cfg.augment.geometric is False  # the paper's protocol: no rotation augmentation

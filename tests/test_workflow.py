@@ -100,7 +100,7 @@ def test_snakemake_runs_every_good_slide_and_reports_the_bad_one(tmp_path):
     cfg.write_text(yaml.safe_dump({
         "slides": str(slides), "out": str(tmp_path / "out"),
         "classify": {"preset": "nct_crc", "model_kwargs": {"base_channels": 4, "kernel_sizes": [5, 5, 3, 3]}},
-        "run": {"num_workers": 0},
+        "segment": None, "run": {"num_workers": 0},
     }))
     cmd = [sys.executable, "-m", "snakemake", "--cores", "2", "--configfile", str(cfg), "--directory", str(REPO),
            "--snakefile", str(REPO / "Snakefile")]

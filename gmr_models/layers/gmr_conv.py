@@ -52,15 +52,19 @@ PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
 FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548...
 AREA_SUPERSAMPLE = 4  # samples per pixel and axis for profile="area"
 
-# Cost of one multiply-add of a depthwise (ring-stage) convolution relative to one of a dense
-# convolution, per device type and (inference, training). Read off `gmrpath benchmark conv` on a
-# 2-core x86 CPU and checked on whole networks with `gmrpath benchmark network` (gmr_resnet18,
-# base 32, 16 x 224^2 tiles: auto, which puts every layer on rings, 1.59 s; all dense 2.92 s).
-# An extra memory-traffic term that sent k=3 to dense also sent the 32-channel 9x9 layers to dense
-# and cost the network 8% (1.74 s vs 1.60 s in an ad-hoc run), so there is none: at k=3 with 128
-# channels the two paths tie within +-15% from process to process. The CUDA values are a prior
-# (cuDNN's dense kernels are far more efficient than its depthwise ones) until measured on a GPU.
-DEPTHWISE_COST = {"cpu": (4.0, 6.0), "cuda": (12.0, 12.0)}
+# Cost model of the ring path relative to a dense convolution, per device type and mode, in units
+# of one dense multiply-add per output pixel: (depthwise multiply-add, 1x1-mix multiply-add, one
+# ring-response channel written and read back). Training on CPU: (6, 1, 0), read off
+# `gmrpath benchmark conv` on a 2-core x86 CPU (128 channels, 64^2) and checked on gmr_resnet18 with
+# `gmrpath benchmark network`. Inference on CPU: a least-squares fit of 70 layer shapes (16-128
+# channels, k 3-9, 2-5 rings, 64^2-582^2 pixels) timed in one ad-hoc run on the same machine: the
+# memory term is what sends small-channel layers on large blocks (the nuclei U-Net) to dense,
+# where the ring responses cost more to move than the dense multiply-adds they save; it picked
+# a path within 5% of the faster one for 60 of the 70 shapes (the previous (4, 1, 0): 35). The
+# CUDA values are a prior (cuDNN's dense kernels are far more efficient than its depthwise ones)
+# until measured on a GPU.
+RING_COST = {"cpu": {"inference": (2.0, 1.8, 120.0), "training": (6.0, 1.0, 0.0)},
+             "cuda": {"inference": (12.0, 1.0, 0.0), "training": (12.0, 1.0, 0.0)}}
 
 
 def ring_geometry(kernel_size: int, spatial_dims: int, num_rings: int, supersample: int = 1):
@@ -309,10 +313,11 @@ class GMRConv(nn.Module):
         taps = self.kernel_size**self.spatial_dims
         cg, n = self.in_channels // self.groups, self.num_rings
         dense = cg * self.out_channels * taps
-        inference, training = DEPTHWISE_COST.get(x.device.type, DEPTHWISE_COST["cuda"])
-        alpha = training if (torch.is_grad_enabled() and self.weight.requires_grad) else inference
-        ring_channels = self.out_channels if self._mix_first() else self.in_channels
-        rings = alpha * ring_channels * n * taps + cg * n * self.out_channels
+        costs = RING_COST.get(x.device.type, RING_COST["cuda"])
+        mode = "training" if (torch.is_grad_enabled() and self.weight.requires_grad) else "inference"
+        depthwise, mix, memory = costs[mode]
+        ring_channels = (self.out_channels if self._mix_first() else self.in_channels) * n
+        rings = depthwise * ring_channels * taps + mix * cg * n * self.out_channels + memory * ring_channels
         return "rings" if rings < dense else "dense"
 
     def forward(self, x: Tensor) -> Tensor:
