@@ -5,10 +5,13 @@
   never leaves a half-written PNG, JSON or GeoJSON (what Snakemake's atomic outputs promise).
 * :func:`disk_errors` turns "no space left" / "quota exceeded" into one :class:`OutputError`
   line naming the path; rerunning after freeing space resumes where the run stopped.
-* :func:`slide_lock` holds an exclusive ``flock`` on ``<slide folder>/.gmrpath.lock`` while a
-  run writes a slide's outputs. A second run on the same slide and output folder stops at once
-  with one line naming the holder (pid, host, command, start time). The kernel drops the lock
-  when its process ends, killed or not, so a stale lock never blocks a rerun.
+* :func:`slide_lock` holds an exclusive ``flock`` on ``<slide folder>/.gmrpath.<stage>.lock``
+  while a stage (``tissue``, ``classify``, ``segment``) writes a slide's outputs. A second run of
+  the same stage on the same slide and output folder stops at once with one line naming the
+  holder (pid, host, command, start time); different stages write different files, so classify
+  and segment of one slide can run at once (they share the tissue mask, whose short stage makes a
+  second run wait instead). The kernel drops the lock when its process ends, killed or not, so a
+  stale lock never blocks a rerun.
 
 Example:
     >>> import tempfile, pathlib
@@ -31,9 +34,9 @@ import time
 from pathlib import Path
 from typing import Iterator
 
-__all__ = ["OutputError", "atomic_path", "disk_errors", "slide_lock", "LOCK_NAME"]
+__all__ = ["OutputError", "atomic_path", "disk_errors", "slide_lock", "lock_name", "STAGES"]
 
-LOCK_NAME = ".gmrpath.lock"
+STAGES = ("tissue", "classify", "segment")
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
 _held: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): re-entrant within one process
 
@@ -83,17 +86,27 @@ def _holder(lock: Path) -> str:
     return f"pid {info.get('pid')} on {info.get('host')} since {when} ({info.get('command')})"
 
 
+def lock_name(stage: str) -> str:
+    """The lock file of ``stage`` in a slide's output folder."""
+    if stage not in STAGES:
+        raise ValueError(f"stage must be one of {STAGES}, got {stage!r}")
+    return f".gmrpath.{stage}.lock"
+
+
 @contextlib.contextmanager
-def slide_lock(folder: str | Path) -> Iterator[None]:
-    """Hold the exclusive lock of a slide's output ``folder`` for the block.
+def slide_lock(folder: str | Path, stage: str, wait: bool = False) -> Iterator[None]:
+    """Hold the exclusive lock of ``stage`` on a slide's output ``folder`` for the block.
+
+    Args:
+        wait: wait for another holder to finish instead of stopping.
 
     Raises:
-        OutputError: another process holds it (the message names that process).
+        OutputError: another process holds it and ``wait`` is false (the message names that process).
     """
     import fcntl
 
     folder = Path(folder)
-    lock = folder / LOCK_NAME
+    lock = folder / lock_name(stage)
     key = str(lock.resolve())
     if key in _held:  # this process already holds it (a stage inside a stage)
         fd, depth = _held[key]
@@ -107,7 +120,7 @@ def slide_lock(folder: str | Path) -> Iterator[None]:
     with disk_errors(lock):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        fcntl.flock(fd, fcntl.LOCK_EX if wait else fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise OutputError(f"{folder}: in use by {_holder(lock)}; wait for it to finish or use another --out") from None

@@ -85,7 +85,7 @@ def tissue_stage(slide: Slide, cfg: PipelineConfig, out_dir: str | Path) -> tupl
     ``cfg.tissue.mask_mpp``."""
     paths = slide_outputs(out_dir, slide_id(slide.path))
     _ensure_writable(paths["dir"])
-    with slide_lock(paths["dir"]), disk_errors(paths["dir"]):
+    with slide_lock(paths["dir"], "tissue", wait=True), disk_errors(paths["dir"]):
         return _tissue_locked(slide, cfg, paths)
 
 
@@ -160,7 +160,7 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)
     _ensure_writable(paths["dir"])
-    with slide_lock(paths["dir"]), disk_errors(paths["dir"]):
+    with slide_lock(paths["dir"], "classify"), disk_errors(paths["dir"]):
         mask, thumb = tissue_stage(slide, cfg, out_dir)
         chunk = cfg.run.chunk_tiles
         grid = make_grid(slide, mask, cfg.tissue.mask_mpp, spec.tile_px, spec.mpp, spec.step_px, cfg.tissue.min_tissue_fraction, chunk)

@@ -103,7 +103,7 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)
     _ensure_writable(paths["dir"])
-    with slide_lock(paths["dir"]), disk_errors(paths["dir"]):
+    with slide_lock(paths["dir"], "segment"), disk_errors(paths["dir"]):
         mask, _ = tissue_stage(slide, cfg, out_dir)
         w0, h0 = slide.dimensions
         f = spec.mpp / slide.mpp  # level-0 px per output px

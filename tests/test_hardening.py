@@ -18,8 +18,8 @@ from typer.testing import CliRunner
 from conftest import DEMO_SLIDE, REPO
 from pipeline.cli import app
 from pipeline.config import ConfigError, config_from_dict, load_config, scan_slides
-from pipeline.outputs import LOCK_NAME, OutputError, atomic_path, slide_lock
-from pipeline.predict import run_fingerprint, slide_outputs, tissue_stage
+from pipeline.outputs import OutputError, atomic_path, lock_name, slide_lock
+from pipeline.predict import classify_slide, run_fingerprint, slide_outputs, tissue_stage
 from pipeline.read import open_slide, slide_id
 from pipeline.report import record_failure, write_cohort
 
@@ -100,31 +100,54 @@ print(s.backend)
 
 
 # ---------------------------------------------------------------- locks, full disks
-def test_a_second_run_on_the_same_slide_stops_naming_the_holder_and_a_killed_holder_releases(tmp_path):
-    cfg = config_from_dict({"slides": str(DEMO), "out": str(tmp_path), "run": {"device": "cpu"}})
-    folder = slide_outputs(tmp_path, slide_id(DEMO))["dir"]
-    folder.mkdir(parents=True)
+def _hold(folder, stage, seconds=120):
     holder = subprocess.Popen(
         [sys.executable, "-c", f"import time; from pipeline.outputs import slide_lock\n"
-                               f"with slide_lock({str(folder)!r}):\n print('held', flush=True); time.sleep(120)"],
+                               f"with slide_lock({str(folder)!r}, {stage!r}):\n print('held', flush=True); time.sleep({seconds})"],
         cwd=REPO, stdout=subprocess.PIPE, text=True,
     )
+    assert holder.stdout.readline().strip() == "held"
+    return holder
+
+
+def test_a_second_run_on_the_same_slide_stops_naming_the_holder_and_a_killed_holder_releases(tmp_path):
+    cfg = config_from_dict({"slides": str(DEMO), "out": str(tmp_path), "run": {"device": "cpu"}, "segment": None})
+    folder = slide_outputs(tmp_path, slide_id(DEMO))["dir"]
+    folder.mkdir(parents=True)
+    holder = _hold(folder, "classify")
     try:
-        assert holder.stdout.readline().strip() == "held"
         with pytest.raises(OutputError, match=f"in use by pid {holder.pid}"):
-            tissue_stage(open_slide(DEMO), cfg, tmp_path)
-        assert not (folder / f"{slide_id(DEMO)}.tissue.png").exists()
+            classify_slide(DEMO, cfg, tmp_path, device="cpu")
+        assert not (folder / f"{slide_id(DEMO)}.tissue.png").exists()  # stopped before any work
+        mask, _ = tissue_stage(open_slide(DEMO), cfg, tmp_path)  # another stage of the same slide runs meanwhile
+        assert mask.any()
     finally:
         holder.kill()
         holder.wait()
-    mask, _ = tissue_stage(open_slide(DEMO), cfg, tmp_path)  # the kernel dropped the dead holder's lock
-    assert mask.any() and (folder / LOCK_NAME).is_file()
+    with slide_lock(folder, "classify"):  # the kernel dropped the dead holder's lock
+        assert (folder / lock_name("classify")).is_file()
+
+
+def test_classify_and_segment_of_one_slide_run_at_once_and_wait_for_the_tissue_stage(tmp_path):
+    cfg = config_from_dict({"slides": str(DEMO), "out": str(tmp_path), "run": {"device": "cpu"}})
+    folder = slide_outputs(tmp_path, slide_id(DEMO))["dir"]
+    folder.mkdir(parents=True)
+    holder = _hold(folder, "tissue", seconds=2)  # a short stage: a second run waits for it, then reuses its mask
+    try:
+        with slide_lock(folder, "segment"), slide_lock(folder, "classify"):
+            mask, _ = tissue_stage(open_slide(DEMO), cfg, tmp_path)
+        assert mask.any() and holder.wait(timeout=60) is not None
+    finally:
+        holder.kill()
+        holder.wait()
+    with pytest.raises(ValueError, match="stage must be one of"):
+        lock_name("overlay")
 
 
 def test_lock_is_reentrant_within_one_process(tmp_path):
-    with slide_lock(tmp_path), slide_lock(tmp_path):
+    with slide_lock(tmp_path, "segment"), slide_lock(tmp_path, "segment"):
         pass
-    with slide_lock(tmp_path):
+    with slide_lock(tmp_path, "segment"):
         pass
 
 

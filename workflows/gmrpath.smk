@@ -35,6 +35,10 @@ if not RESOLVED.is_file() or RESOLVED.read_text() != _text:  # rewrite only on c
     _tmp.write_text(_text)
     _tmp.replace(RESOLVED)
 GMRPATH = f"{sys.executable} -m pipeline.cli"  # the interpreter running snakemake, so its environment
+try:  # classify and segment of one slide run side by side, each on half the local cores
+    STAGE_THREADS = max(1, workflow.cores // 2)
+except WorkflowError:  # a cluster executor without --cores: its profile's set-threads decides
+    STAGE_THREADS = 2
 
 
 def slide_path(wildcards):
@@ -78,11 +82,11 @@ rule classify:
         overlay=OUT / "{slide}" / "{slide}.overlay.png",
     log:
         OUT / "logs" / "{slide}.classify.log",
-    threads: 2
+    threads: STAGE_THREADS
     resources:
         gpu=1 if CFG.run.device.startswith("cuda") else 0,
     shell:
-        "{GMRPATH} predict {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {GMRPATH} predict {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
 
 
 rule segment:
@@ -95,11 +99,11 @@ rule segment:
         geojson=OUT / "{slide}" / "{slide}.nuclei.geojson",
     log:
         OUT / "logs" / "{slide}.segment.log",
-    threads: 2
+    threads: STAGE_THREADS
     resources:
         gpu=1 if CFG.run.device.startswith("cuda") else 0,
     shell:
-        "{GMRPATH} segment {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {GMRPATH} segment {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
 
 
 # The OME-Zarr stores are written (atomically, resumably) by the commands and are not declared as
