@@ -22,7 +22,7 @@ from gmr_models import GMRConv, freeze_kernels
 
 from .common import device_name, interleaved_best_ms, peak_memory_mb
 
-__all__ = ["run_conv_benchmark", "reference_conv"]
+__all__ = ["run_conv_benchmark", "reference_conv", "run_network_benchmark", "run_impl_benchmark", "impl_shapes"]
 
 
 def reference_conv(in_channels: int, out_channels: int, kernel_size: int, spatial_dims: int = 2):
@@ -189,3 +189,47 @@ def run_network_benchmark(model: str = "gmr_resnet18", shape=(16, 3, 224, 224), 
     ms = interleaved_best_ms({k: run(n) for k, n in nets.items()}, device, repeats, warmup=1)
     return {"benchmark": "network", "model": model, "model_kwargs": model_kwargs, "shape": list(shape),
             "device": device_name(device), "ms": ms, "auto_choices": choices}
+
+
+def impl_shapes(channels=(16, 32, 64, 128), kernels=((3, 2), (3, 3), (5, 5), (9, 5)),
+                sides=(64, 146, 291, 582), max_elements: int = 2 * 64 * 291 * 291) -> list[tuple[int, int, int, int, int]]:
+    """The layer shapes ``(C_in, C_out, k, rings, side)`` the inference cost model is checked on:
+    every width pair (equal, doubled), kernel and side, up to ``max_elements`` input values."""
+    pairs = sorted({(c, o) for c in channels for o in (c, 2 * c) if o in channels})
+    return [(c, o, k, n, s) for c, o in pairs for k, n in kernels for s in sides if c * s * s <= max_elements]
+
+
+def run_impl_benchmark(shapes=None, device: str | torch.device = "cpu", repeats: int = 3) -> dict:
+    """Inference time of one frozen :class:`GMRConv` (``sigma="channel"``) on the dense and the
+    ring path for each layer shape (interleaved rounds, best of ``repeats``), and whether
+    ``impl="auto"`` picked a path within 5% of the faster one.
+
+    Returns:
+        ``{"device", "rows": [{"shape", "dense_ms", "rings_ms", "auto", "auto_vs_best"}], "within_5pct", "n"}``.
+
+    Example:
+        >>> r = run_impl_benchmark([(4, 4, 3, 2, 16)], repeats=1)
+        >>> r["n"], r["rows"][0]["auto"] in ("dense", "rings")
+        (1, True)
+    """
+    device = torch.device(device)
+    rows = []
+    for cin, cout, k, n, side in shapes if shapes is not None else impl_shapes():
+        torch.manual_seed(0)
+        conv = GMRConv(2, cin, cout, k, num_rings=n, sigma="channel").to(device).eval().freeze()
+        x = torch.randn(1, cin, side, side, device=device)
+        with torch.no_grad():
+            auto = conv.choose_impl(x)
+
+        def run(impl):
+            def f():
+                conv.impl = impl
+                with torch.no_grad():
+                    conv(x)
+            return f
+
+        ms = interleaved_best_ms({"dense": run("dense"), "rings": run("rings")}, device, repeats, warmup=1)
+        rows.append({"shape": [cin, cout, k, n, side], "dense_ms": ms["dense"], "rings_ms": ms["rings"], "auto": auto,
+                     "auto_vs_best": ms[auto] / min(ms.values())})
+    return {"benchmark": "impl", "device": device_name(device), "rows": rows, "n": len(rows),
+            "within_5pct": sum(r["auto_vs_best"] <= 1.05 for r in rows)}

@@ -49,7 +49,7 @@ def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = N
         loaded = prepare_model(load_model(spec, check=False), dev)
         m = model_margin_px(loaded)
         region = torch.from_numpy(rng.integers(0, 255, (block_px + 2 * m, block_px + 2 * m, 3), dtype=np.uint8))
-        fns[name] = lambda lm=loaded, r=region: segment_maps(lm.module, r, lm.mean, lm.std, dev, 2 ** (lm.module.levels - 1))
+        fns[name] = lambda lm=loaded, r=region: segment_maps(lm.module, r, lm.mean, lm.std, dev)
         margins[name] = m
     if progress:
         progress("model alone")

@@ -96,8 +96,8 @@ class UNet(nn.Module):
         widths = [base_channels * 2**i for i in range(self.levels)]
         self.down = nn.ModuleList()
         c_in = in_channels
-        for width, k in zip(widths, kernel_sizes):
-            self.down.append(_DoubleConv(conv_type, spatial_dims, c_in, width, k, norm, per_level[len(self.down)]))
+        for width, k, gmr in zip(widths, kernel_sizes, per_level):
+            self.down.append(_DoubleConv(conv_type, spatial_dims, c_in, width, k, norm, gmr))
             c_in = width
         self.pool = layer_type("avgpool", spatial_dims)(2)
         self.reduce = nn.ModuleList()
@@ -126,7 +126,7 @@ class UNet(nn.Module):
         return r
 
     def forward(self, x: Tensor) -> Tensor:
-        factor = 2 ** (self.levels - 1)
+        factor = self.size_multiple
         if x.dim() != self.spatial_dims + 2 or any(s % factor for s in x.shape[2:]):
             raise ValueError(
                 f"expected input (N, C, *spatial) with {self.spatial_dims} spatial sides divisible by {factor}, "

@@ -270,16 +270,18 @@ def config_cmd(
     if write is None:
         typer.echo(text)
         return
-    tmp = write.with_name(f".{write.name}.tmp")
+    from pipeline.outputs import OutputError, atomic_path
+
     blocker = next((p for p in write.parents if p.exists() and not p.is_dir()), None)
     if blocker is not None:
         _fail(ValueError(f"{write}: cannot write the config: {blocker} is a file, not a folder"))
     try:
         write.parent.mkdir(parents=True, exist_ok=True)
-        tmp.write_text(text)
-        tmp.replace(write)
+        with atomic_path(write) as tmp:
+            tmp.write_text(text)
+    except OutputError as err:  # a full disk: already one line naming the file
+        _fail(err)
     except OSError as err:
-        tmp.unlink(missing_ok=True) if tmp.parent.is_dir() else None
         _fail(ValueError(f"{write}: cannot write the config ({err.strerror or err})"))
 
 
@@ -332,6 +334,34 @@ def bench_conv(
             mem.add_row(str(row["k"]), *(f"{row['train_peak_mb'][n]:.0f}" for n in names))
         Console(width=160).print(mem)
     console.print(f"speed-up = torch conv time / candidate time; wrote {write_json(out, result)}")
+
+
+@bench_app.command("impl")
+def bench_impl(
+    channels: str = typer.Option("16,32,64,128", help="Comma-separated input widths (each with itself and twice itself out)."),
+    sides: str = typer.Option("64,146,291,582", help="Comma-separated square input sides in pixels."),
+    device: str = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N."),
+    repeats: int = typer.Option(3, min=1, help="Timed rounds; the best is reported."),
+    out: Path = typer.Option(Path("results/benchmark_impl.json"), help="Where to write the JSON results."),
+) -> None:
+    """Dense vs ring path of one GMRConv over a grid of layer shapes (inference): how often impl="auto" picks the faster."""
+    from benchmarks.common import write_json
+    from benchmarks.conv import impl_shapes, run_impl_benchmark
+    from pipeline.runtime import resolve_device
+
+    shapes = impl_shapes(channels=tuple(_ints(channels, "channels")), sides=tuple(_ints(sides, "sides")))
+    with console.status(f"benchmarking {len(shapes)} layer shapes"):
+        result = run_impl_benchmark(shapes, resolve_device(device), repeats)
+    table = Table(title=f"GMRConv inference, dense vs rings, {result['device']}")
+    for col in ("C_in->C_out", "k", "rings", "side px", "dense ms", "rings ms", "auto", "auto / best"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        cin, cout, k, n, side = r["shape"]
+        table.add_row(f"{cin}->{cout}", str(k), str(n), str(side), f"{r['dense_ms']:.1f}", f"{r['rings_ms']:.1f}", r["auto"],
+                      f"{r['auto_vs_best']:.2f}")
+    Console(width=160).print(table)
+    console.print(f"auto within 5% of the faster path for {result['within_5pct']} of {result['n']} shapes")
+    console.print(f"wrote {write_json(out, result)}")
 
 
 @bench_app.command("network")

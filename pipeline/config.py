@@ -166,11 +166,17 @@ def _is_number(v) -> bool:
     return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
 
 
+def invariance_multiple(module) -> int:
+    """The input-side multiple that keeps a GMR network's output exactly invariant to 90-degree
+    rotations and flips (0 for networks without that guarantee)."""
+    return int(getattr(module, "size_multiple", 0)) if getattr(module, "conv_type", "") == "gmr" else 0
+
+
 _MULTIPLES: dict[str, int] = {}
 
 
 def _size_multiple(model: str, model_kwargs: dict, n_classes: int) -> int:
-    """The side multiple an equivariant registry model needs (0: none, or not known here)."""
+    """:func:`invariance_multiple` of a registry model (0 when it cannot be built here)."""
     import json
 
     key = json.dumps([model, model_kwargs, n_classes], sort_keys=True, default=str)
@@ -178,8 +184,7 @@ def _size_multiple(model: str, model_kwargs: dict, n_classes: int) -> int:
         from gmr_models import create_model
 
         try:
-            net = create_model(model, **{"num_classes": n_classes, **model_kwargs})
-            _MULTIPLES[key] = int(getattr(net, "size_multiple", 0)) if getattr(net, "conv_type", "") == "gmr" else 0
+            _MULTIPLES[key] = invariance_multiple(create_model(model, **{"num_classes": n_classes, **model_kwargs}))
         except Exception:  # noqa: BLE001 - a bad name or argument is reported when the model is built
             _MULTIPLES[key] = 0
     return _MULTIPLES[key]

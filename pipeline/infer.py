@@ -16,7 +16,7 @@ Example:
 
 from __future__ import annotations
 
-from typing import Iterator
+from typing import Iterator, Optional
 
 import numpy as np
 import torch
@@ -73,11 +73,12 @@ def predict_batch(loaded: LoadedModel, tiles: torch.Tensor, device: torch.device
 
 
 def segment_maps(module: torch.nn.Module, image: np.ndarray | torch.Tensor, mean, std, device: torch.device,
-                 multiple: int = 8, amp: bool = True, tta: str = "none") -> np.ndarray:
+                 multiple: Optional[int] = None, amp: bool = True, tta: str = "none") -> np.ndarray:
     """A segmentation network's sigmoid output maps for a whole region in one forward pass.
 
     The network is fully convolutional, so the region (a slide block with its margin, or a
-    small image) is reflect-padded to a multiple of ``multiple`` (evenly on both sides where
+    small image) is reflect-padded to a multiple of ``multiple`` (default: the network's
+    ``size_multiple``, e.g. 8 for a 4-level U-Net; evenly on both sides where
     the padding is even, so a GMR network's maps turn exactly with the image) and run at
     once: no overlapping patches, no blending, no seams inside the region.
 
@@ -86,6 +87,7 @@ def segment_maps(module: torch.nn.Module, image: np.ndarray | torch.Tensor, mean
     """
     img = torch.from_numpy(np.array(image)) if isinstance(image, np.ndarray) and not image.flags.writeable else torch.as_tensor(image)
     h, w = img.shape[:2]
+    multiple = multiple or getattr(module, "size_multiple", 1)
     x = normalise(img[None], mean, std, device)
     ph, pw = (-h) % multiple, (-w) % multiple
     top, left = ph // 2, pw // 2  # split evenly: a 90-degree rotation of the input moves no padding

@@ -23,7 +23,7 @@ from torch import nn
 
 from gmr_models import create_model
 
-from .config import ModelSpec, is_checkpoint_path
+from .config import ModelSpec, invariance_multiple, is_checkpoint_path
 from .outputs import atomic_path
 
 __all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "CHECKPOINT_FORMAT"]
@@ -185,7 +185,7 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
     if mismatch:
         raise ModelError(f"{path}: checkpoint does not fit model {ckpt['model']!r}: {mismatch}")
     module.load_state_dict(ckpt["state_dict"])
-    multiple = int(getattr(module, "size_multiple", 0)) if getattr(module, "conv_type", "") == "gmr" else 0
+    multiple = invariance_multiple(module)
     tile = int(ckpt.get("tile_px", spec.tile_px))
     if spec.task == "classify" and multiple and tile % multiple:
         raise ModelError(f"{path}: tile_px {tile} is not a multiple of {multiple}: {ckpt['model']} would lose its exact "

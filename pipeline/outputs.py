@@ -38,7 +38,7 @@ __all__ = ["OutputError", "atomic_path", "disk_errors", "slide_lock", "lock_name
 
 STAGES = ("tissue", "classify", "segment")
 _FULL = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
-_held: dict[str, tuple[int, int]] = {}  # lock path -> (fd, depth): re-entrant within one process
+_held: set[str] = set()  # locks this process holds: re-entrant within one process
 
 
 class OutputError(ValueError):
@@ -108,14 +108,8 @@ def slide_lock(folder: str | Path, stage: str, wait: bool = False) -> Iterator[N
     folder = Path(folder)
     lock = folder / lock_name(stage)
     key = str(lock.resolve())
-    if key in _held:  # this process already holds it (a stage inside a stage)
-        fd, depth = _held[key]
-        _held[key] = (fd, depth + 1)
-        try:
-            yield
-        finally:
-            fd, depth = _held[key]
-            _held[key] = (fd, depth - 1)
+    if key in _held:  # this process already holds it (a stage inside a stage): the outer block releases it
+        yield
         return
     with disk_errors(lock):
         fd = os.open(lock, os.O_RDWR | os.O_CREAT, 0o644)
@@ -129,10 +123,10 @@ def slide_lock(folder: str | Path, stage: str, wait: bool = False) -> Iterator[N
         with contextlib.suppress(OSError):  # the holder's name is a courtesy; a full disk must not stop the lock
             os.ftruncate(fd, 0)
             os.pwrite(fd, json.dumps(info).encode(), 0)
-        _held[key] = (fd, 1)
+        _held.add(key)
         yield
     finally:
-        _held.pop(key, None)
+        _held.discard(key)
         with contextlib.suppress(OSError):
             os.ftruncate(fd, 0)
         os.close(fd)  # closing releases the lock

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import torch
 
 __all__ = ["resolve_device", "code_digest", "bound_heap_growth"]
@@ -52,9 +54,7 @@ def bound_heap_growth(threshold_bytes: int = 1 << 20) -> bool:
     return _HEAP_BOUNDED
 
 
-_CODE_DIGEST: list[str] = []
-
-
+@functools.cache
 def code_digest() -> str:
     """The package version and a digest of the code that computes results (``gmr_models`` and
     ``pipeline``): part of every resume fingerprint, so results computed by other code are
@@ -64,18 +64,16 @@ def code_digest() -> str:
         >>> code_digest() == code_digest()
         True
     """
-    if not _CODE_DIGEST:
-        import hashlib
-        from importlib.metadata import PackageNotFoundError, version
-        from pathlib import Path
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+    from pathlib import Path
 
-        try:
-            v = version("gmr-path")
-        except PackageNotFoundError:
-            v = "unknown"
-        root = Path(__file__).resolve().parents[1]
-        h = hashlib.sha256()
-        for f in sorted([*root.joinpath("gmr_models").rglob("*.py"), *root.joinpath("pipeline").rglob("*.py")]):
-            h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
-        _CODE_DIGEST.append(f"{v}+{h.hexdigest()[:12]}")
-    return _CODE_DIGEST[0]
+    try:
+        v = version("gmr-path")
+    except PackageNotFoundError:
+        v = "unknown"
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted([*root.joinpath("gmr_models").rglob("*.py"), *root.joinpath("pipeline").rglob("*.py")]):
+        h.update(f.relative_to(root).as_posix().encode() + b"\0" + f.read_bytes())
+    return f"{v}+{h.hexdigest()[:12]}"

@@ -41,10 +41,6 @@ def model_margin_px(loaded) -> int:
     return max(int(getattr(loaded.module, "receptive_radius_px", 0)), loaded.spec.overlap_px)
 
 
-def _size_multiple(loaded) -> int:
-    return 2 ** (getattr(loaded.module, "levels", 1) - 1)
-
-
 def block_instances(maps: np.ndarray, post, margin: int, core_hw: tuple[int, int], origin_xy: tuple[int, int],
                     width: int) -> np.ndarray:
     """Instances of a block read with ``margin``, cropped to its core, with global centroid ids.
@@ -126,13 +122,12 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
             finished = done_chunks(group)
             todo = [(by, bx) for by, bx in blocks if by * n_bx + bx not in finished]
             prepare_model(loaded, dev)
-            multiple = _size_multiple(loaded)
             t0 = time.perf_counter()
             for k, (by, bx) in enumerate(todo):
                 x0, y0 = bx * block_px, by * block_px
                 bw, bh = min(block_px, width - x0), min(block_px, height - y0)
                 region = read_region(slide, (round((x0 - margin) * f), round((y0 - margin) * f)), (bw + 2 * margin, bh + 2 * margin), spec.mpp)
-                maps = segment_maps(loaded.module, torch.from_numpy(region), loaded.mean, loaded.std, dev, multiple, cfg.run.amp, cfg.run.tta)
+                maps = segment_maps(loaded.module, torch.from_numpy(region), loaded.mean, loaded.std, dev, amp=cfg.run.amp, tta=cfg.run.tta)
                 group["0"][0, y0: y0 + bh, x0: x0 + bw] = np.round(maps[0, margin: margin + bh, margin: margin + bw] * 255).astype(np.uint8)
                 group["_labels"][y0: y0 + bh, x0: x0 + bw] = block_instances(maps, post, margin, (bh, bw), (x0, y0), width)
                 mark_chunk_done(group, by * n_bx + bx)

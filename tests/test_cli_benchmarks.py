@@ -63,3 +63,15 @@ def test_segment_benchmark_labels_checkpoints_apart():
 
     models = ["models/a.pt", "runs/x/best.pt", "runs/y/best.pt", "gmr_unet"]
     assert [_label(m, models) for m in models] == ["a.pt", "x/best.pt", "y/best.pt", "gmr_unet"]
+
+
+def test_benchmark_impl_times_both_paths_for_every_shape(tmp_path):
+    out = tmp_path / "impl.json"
+    result = CliRunner().invoke(app, ["benchmark", "impl", "--channels", "4", "--sides", "16,24", "--repeats", "1",
+                                      "--device", "cpu", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    data = json.loads(out.read_text())
+    assert data["n"] == 8 and len(data["rows"]) == 8  # 4->4 (8 is not among the widths) x 4 kernels x 2 sides
+    for row in data["rows"]:
+        assert row["auto"] in ("dense", "rings") and row["auto_vs_best"] >= 1.0
+    assert 0 <= data["within_5pct"] <= data["n"]

@@ -56,13 +56,13 @@ AREA_SUPERSAMPLE = 4  # samples per pixel and axis for profile="area"
 # of one dense multiply-add per output pixel: (depthwise multiply-add, 1x1-mix multiply-add, one
 # ring-response channel written and read back). Training on CPU: (6, 1, 0), read off
 # `gmrpath benchmark conv` on a 2-core x86 CPU (128 channels, 64^2) and checked on gmr_resnet18 with
-# `gmrpath benchmark network`. Inference on CPU: a least-squares fit of 70 layer shapes (16-128
-# channels, k 3-9, 2-5 rings, 64^2-582^2 pixels) timed in one ad-hoc run on the same machine: the
-# memory term is what sends small-channel layers on large blocks (the nuclei U-Net) to dense,
-# where the ring responses cost more to move than the dense multiply-adds they save; it picked
-# a path within 5% of the faster one for 60 of the 70 shapes (the previous (4, 1, 0): 35). The
-# CUDA values are a prior (cuDNN's dense kernels are far more efficient than its depthwise ones)
-# until measured on a GPU.
+# `gmrpath benchmark network`. Inference on CPU: a least-squares fit of 70 random layer shapes
+# (16-128 channels, k 3-9, 2-5 rings, 64^2-582^2 pixels) timed on the same machine; the memory
+# term is what sends small-channel layers on large blocks (the nuclei U-Net) to dense, where the
+# ring responses cost more to move than the dense multiply-adds they save. Checked with
+# `gmrpath benchmark impl` (100 shapes of the same ranges): auto within 5% of the faster path for
+# 89, worst 2.2x (16 channels, 9x9, which it sends to dense). The CUDA values are a prior
+# (cuDNN's dense kernels are far more efficient than its depthwise ones) until measured on a GPU.
 RING_COST = {"cpu": {"inference": (2.0, 1.8, 120.0), "training": (6.0, 1.0, 0.0)},
              "cuda": {"inference": (12.0, 1.0, 0.0), "training": (12.0, 1.0, 0.0)}}
 
