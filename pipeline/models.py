@@ -26,7 +26,7 @@ from gmr_models import create_model
 from .config import ModelSpec, invariance_multiple, is_checkpoint_path
 from .outputs import atomic_path
 
-__all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "CHECKPOINT_FORMAT"]
+__all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "state_mismatch", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "gmrpath-checkpoint-v1"
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
@@ -137,7 +137,7 @@ def _check_metadata(path: Path, ckpt: dict) -> None:
             bad(name, "three positive numbers")
 
 
-def _state_mismatch(module: torch.nn.Module, state: dict) -> str:
+def state_mismatch(module: torch.nn.Module, state: dict) -> str:
     """"" when ``state`` fits ``module``, else one line: how many tensors differ, and the first."""
     own = module.state_dict()
     missing = [k for k in own if k not in state]
@@ -181,7 +181,7 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
         module = create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
     except (KeyError, ValueError, TypeError) as err:
         raise ModelError(f"{path}: cannot build model {ckpt.get('model')!r}: {_first_line(str(err))}") from None
-    mismatch = _state_mismatch(module, ckpt["state_dict"])
+    mismatch = state_mismatch(module, ckpt["state_dict"])
     if mismatch:
         raise ModelError(f"{path}: checkpoint does not fit model {ckpt['model']!r}: {mismatch}")
     module.load_state_dict(ckpt["state_dict"])

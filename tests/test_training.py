@@ -24,7 +24,7 @@ from pipeline.models import load_model
 from pipeline.config import ModelSpec
 from training.augment import build_augment
 from training.config import AugmentConfig, DataConfig, TrainConfigError, load_train_config
-from training.datasets import DataError, NucleiCrops, load_dataset, split_names
+from training.datasets import DataError, NucleiCrops, Sample, load_dataset, split_names
 from training.metrics import aji, classification_scores, panoptic_quality, segmentation_scores
 from training.targets import nuclei_targets
 
@@ -234,6 +234,36 @@ def test_targets_are_exactly_rotation_equivariant():
     assert np.allclose(dist_f, dist[:, ::-1], atol=1e-6)
 
 
+def test_targets_at_the_model_resolution_lie_where_the_image_nuclei_do(tmp_path, nuclei_dir):
+    from scipy import ndimage
+
+    from training.datasets import model_targets, resample_image
+    from training.targets import resize_labels
+
+    lab = np.zeros((400, 400), np.int32)
+    yy, xx = np.mgrid[:400, :400]
+    lab[(yy - 200.5) ** 2 + (xx - 200.5) ** 2 < 81] = 1  # a disc centred between native pixels
+    img = np.repeat(np.where(lab[..., None] > 0, 255, 0).astype(np.uint8), 3, axis=2)
+    small = resample_image(img, 0.25, 0.5)
+    nearest = resize_labels(lab, small.shape[:2])
+    sample = Sample("disc", small, "disc", labels=nearest, native_image=img, native_labels=lab, native_mpp=0.25)
+    maps = model_targets(sample)
+    assert maps.shape == (200, 200, 2) and maps.dtype == np.float32
+    centre = np.array(ndimage.center_of_mass(small[..., 0].astype(float)))
+    for k in (0, 1):  # foreground and distance sit on the image's nucleus to 1e-3 px...
+        assert np.allclose(ndimage.center_of_mass(maps[..., k]), centre, atol=1e-3)
+    # ...where nearest-neighbour labels are 0.17 px off, a shift an equivariant network cannot learn
+    assert np.all(np.abs(np.array(ndimage.center_of_mass(nearest.astype(float))) - centre) > 0.1)
+    assert 0 < maps[..., 0][(maps[..., 0] > 0) & (maps[..., 0] < 1)].size  # soft at the border
+    data = load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.25, val_fraction=0.0), "segment", 0.5, 32)
+    crops = NucleiCrops(data.train, 32, 4)
+    assert np.array_equal(crops.targets[0], model_targets(data.train[0]))
+    nearest = NucleiCrops(data.train, 32, 4, aligned=False)  # targets: nearest (the shipped model's recipe)
+    assert np.array_equal(nearest.targets[0], np.stack(nuclei_targets(data.train[0].labels), -1))
+    with pytest.raises(TrainConfigError, match="targets must be 'aligned' or 'nearest'"):
+        load_train_config(write_cfg(tmp_path, targets="exact"), check_paths=False)
+
+
 def test_augmentation_is_seeded_and_keeps_geometry_off_by_default():
     img, lab = blobs(np.random.default_rng(4), size=48)
     fg, dist = nuclei_targets(lab)
@@ -361,6 +391,35 @@ def test_train_writes_checkpoints_the_pipeline_loads_and_resumes_exactly(tmp_pat
     other = load_train_config(path, {"data": {"root": str(nuclei_dir)}, "out": str(tmp_path / "split"), "tile_px": 16})
     with pytest.raises(ValueError, match="different training config .*tile_px"):
         train(other, resume=True, log=lambda s: None)
+
+
+def test_init_starts_a_run_from_a_checkpoint_and_refuses_one_that_does_not_fit(tmp_path, nuclei_dir):
+    from training.loop import train
+
+    root = {"data": {"root": str(nuclei_dir)}}
+    first = load_train_config(write_cfg(tmp_path, epochs=1, val_angles=[]), root)
+    train(first, log=lambda s: None)
+    start = load_model(ModelSpec(task="segment", model=str(Path(first.out) / "best.pt"), classes=["nucleus"])).module
+    # a learning rate of 1e-12 leaves the weights where init put them; a fresh seed would not
+    lines = []
+    second = load_train_config(write_cfg(tmp_path, epochs=1, val_angles=[], seed=5, optim={"lr": 1e-12}),
+                               {**root, "out": str(tmp_path / "ft"), "init": str(Path(first.out) / "best.pt")})
+    train(second, log=lines.append)
+    tuned = load_model(ModelSpec(task="segment", model=str(tmp_path / "ft" / "best.pt"), classes=["nucleus"]))
+    assert any(line.startswith("init: weights from") for line in lines) and tuned.meta["init"] == "best.pt"
+    params = dict(tuned.module.named_parameters())
+    assert all(torch.allclose(p, params[k], atol=1e-8) for k, p in start.named_parameters())
+    fresh = load_train_config(write_cfg(tmp_path, epochs=1, val_angles=[], seed=5), {**root, "out": str(tmp_path / "fresh")})
+    train(fresh, log=lambda s: None)
+    scratch = dict(load_model(ModelSpec(task="segment", model=str(tmp_path / "fresh" / "best.pt"), classes=["nucleus"])).module.named_parameters())
+    assert not all(torch.allclose(p, scratch[k], atol=1e-3) for k, p in start.named_parameters())
+    # another width: one line naming the checkpoint and the first tensor that differs
+    wide = load_train_config(write_cfg(tmp_path, model_kwargs={**TINY_UNET, "base_channels": 2 * TINY_UNET["base_channels"]}),
+                             {**root, "out": str(tmp_path / "wide"), "init": str(Path(first.out) / "best.pt")})
+    with pytest.raises(ValueError, match=r"init: .*best.pt does not fit gmr_unet .*another shape"):
+        train(wide, log=lambda s: None)
+    with pytest.raises(TrainConfigError, match="init .*does not exist"):
+        load_train_config(write_cfg(tmp_path), {**root, "init": str(tmp_path / "missing.pt")})
 
 
 def test_ddp_two_processes_gloo(tmp_path, nuclei_dir):

@@ -107,6 +107,9 @@ class TrainConfig:
         num_workers: DataLoader workers; ``amp``: autocast on CUDA; ``device``: auto, cpu, cuda, cuda:N.
         val_angles: rotations (degrees) at which validation is also scored each epoch.
         select: the validation metric that picks ``best.pt`` (higher is better).
+        init: optional checkpoint (a ``best.pt`` or a shipped ``.pt``) whose weights start the run
+            instead of random ones (fine-tuning, timm's ``--initial-checkpoint``); it must fit
+            ``model`` and ``model_kwargs``. ``--resume`` ignores it and continues ``last.pt``.
     """
 
     task: str = "segment"
@@ -127,6 +130,8 @@ class TrainConfig:
     device: str = "auto"
     val_angles: list = field(default_factory=list)
     select: str = "val_aji"
+    init: Optional[str] = None
+    targets: str = "aligned"
 
 
 _NESTED = {"data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
@@ -169,6 +174,10 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
     if not isinstance(cfg.model_kwargs, dict):
         bad("model_kwargs", "a mapping", cfg.model_kwargs)
+    if cfg.targets not in ("aligned", "nearest"):
+        bad("targets", "'aligned' or 'nearest'", cfg.targets)
+    if cfg.init is not None and (not isinstance(cfg.init, str) or not cfg.init):
+        bad("init", "a checkpoint path", cfg.init)
     if not isinstance(cfg.val_angles, list) or not all(_number(a, positive=False) for a in cfg.val_angles):
         bad("val_angles", "a list of angles in degrees >= 0", cfg.val_angles)
     d = cfg.data
@@ -213,7 +222,7 @@ def _merge(base: dict, over: dict) -> dict:
 def load_train_config(path: str | Path, overrides: Optional[dict] = None, check_paths: bool = True) -> TrainConfig:
     """Read and validate a training YAML; ``overrides`` (nested mappings) win.
 
-    Relative paths (``data.root``, ``data.split_csv``, ``data.mpp_csv``, ``out``) are resolved
+    Relative paths (``data.root``, ``data.split_csv``, ``data.mpp_csv``, ``out``, ``init``) are resolved
     against the repository root for files under ``configs/``, else the file's folder.
 
     Raises:
@@ -242,9 +251,9 @@ def load_train_config(path: str | Path, overrides: Optional[dict] = None, check_
 
     d = dataclasses.replace(cfg.data, root=resolve(cfg.data.root), split_csv=resolve(cfg.data.split_csv),
                             mpp_csv=resolve(cfg.data.mpp_csv))
-    cfg = dataclasses.replace(cfg, data=d, out=resolve(cfg.out))
+    cfg = dataclasses.replace(cfg, data=d, out=resolve(cfg.out), init=resolve(cfg.init))
     if check_paths:
-        for key, p in (("data.root", d.root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv)):
+        for key, p in (("data.root", d.root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv), ("init", cfg.init)):
             if p is not None and not Path(p).exists():
                 raise TrainConfigError(f"{path}: {key} {p} does not exist")
     return cfg

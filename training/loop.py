@@ -35,7 +35,7 @@ import yaml
 from gmr_models import create_model, freeze_kernels
 from pipeline.infer import segment_maps
 from pipeline.instances import PostProcess, instances_from_maps
-from pipeline.models import save_checkpoint
+from pipeline.models import save_checkpoint, state_mismatch
 
 from .augment import build_augment
 from .config import TrainConfig, config_dict
@@ -199,6 +199,30 @@ def _validate_classify(module, loader, device, n_classes: int, amp: bool) -> dic
     return {"val_loss": loss / len(labels), **{f"val_{k}": v for k, v in classification_scores(probs, labels, n_classes).items()}}
 
 
+def _init_weights(module: torch.nn.Module, cfg: TrainConfig, log: Callable[[str], None]) -> str:
+    """Load ``cfg.init``'s weights into ``module`` (fine-tuning); returns the checkpoint's checksum.
+
+    Raises:
+        ValueError: the checkpoint is unreadable, made for another task, or does not fit the model.
+    """
+    from pipeline.config import ModelSpec
+    from pipeline.models import ModelError, load_model
+
+    try:
+        loaded = load_model(ModelSpec(task=cfg.task, model=cfg.init, classes=["x"]), check=False)
+    except ModelError as err:
+        raise ValueError(f"init: {err}") from None
+    if loaded.meta.get("task", cfg.task) != cfg.task:
+        raise ValueError(f"init: {cfg.init}: a {loaded.meta.get('task')} checkpoint cannot start a {cfg.task} run")
+    state = loaded.module.state_dict()
+    mismatch = state_mismatch(module, state)
+    if mismatch:
+        raise ValueError(f"init: {cfg.init} does not fit {cfg.model} with model_kwargs {cfg.model_kwargs}: {mismatch}")
+    module.load_state_dict(state)
+    log(f"init: weights from {cfg.init} (checksum {loaded.checksum})")
+    return loaded.checksum
+
+
 def _config_changes(stored: dict, current: dict, prefix: str = "") -> list[str]:
     """Keys whose values differ (keys newer code added, absent from ``stored``, are ignored)."""
     out = []
@@ -279,7 +303,8 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
     module = create_model(cfg.model, **model_kwargs).to(device).to(memory_format=torch.channels_last)
     augment = build_augment(cfg.augment)
     if cfg.task == "segment":
-        train_set = NucleiCrops(data.train, cfg.tile_px, cfg.samples_per_epoch, augment, cfg.seed, MEAN, STD)
+        train_set = NucleiCrops(data.train, cfg.tile_px, cfg.samples_per_epoch, augment, cfg.seed, MEAN, STD,
+                                cfg.targets == "aligned")
     else:
         train_set = TileSamples(data.train, augment, cfg.seed, MEAN, STD)
         val_loader = torch.utils.data.DataLoader(TileSamples(data.val, None, cfg.seed, MEAN, STD), batch_size=cfg.batch_size)
@@ -300,6 +325,8 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
 
     start_epoch, history, best, best_epoch = 0, [], -math.inf, -1
     state_path = out / "last.pt"
+    if cfg.init and not resume:
+        _init_weights(module, cfg, log if rank == 0 else (lambda _: None))
     if resume:
         if not state_path.is_file():
             raise ValueError(f"{state_path}: nothing to resume (no last.pt in {out})")
@@ -399,6 +426,8 @@ def _save_inference(module, cfg: TrainConfig, data: LoadedData, model_kwargs: di
         "train_images": sorted(s.name for s in data.train), "val_images": sorted(s.name for s in data.val),
         "val_metrics": {k: v for k, v in row.items() if k.startswith("val_")},
     }
+    if cfg.init:
+        meta["init"] = Path(cfg.init).name
     if cfg.task == "segment":
         meta["postprocess"] = PostProcess().to_dict()
     save_checkpoint(module, path, cfg.model, model_kwargs, data.classes, cfg.tile_px, cfg.mpp, MEAN, STD, meta=meta)
