@@ -34,23 +34,23 @@ def test_benchmark_equivariance_writes_json_and_png(tmp_path):
     assert (tmp_path / "benchmark_equivariance.png").stat().st_size > 1000
 
 
-def test_benchmark_network_times_every_impl_and_lists_auto_choices(tmp_path):
-    out = tmp_path / "net.json"
-    result = CliRunner().invoke(app, ["benchmark", "network", "--shape", "2,3,32,32", "--base-channels", "4", "--repeats", "1",
-                                      "--device", "cpu", "--out", str(out)])
+def run_json(args: list[str], out) -> dict:
+    """Run ``gmrpath ARGS --out OUT`` on the CPU, once, and read the JSON it wrote."""
+    result = CliRunner().invoke(app, [*args, "--repeats", "1", "--device", "cpu", "--out", str(out)])
     assert result.exit_code == 0, result.output
-    data = json.loads(out.read_text())
+    return json.loads(out.read_text())
+
+
+def test_benchmark_network_times_every_impl_and_lists_auto_choices(tmp_path):
+    data = run_json(["benchmark", "network", "--shape", "2,3,32,32", "--base-channels", "4"], tmp_path / "net.json")
     assert set(data["ms"]) == {"auto", "rings", "dense"}
     assert "3->4 k9" in data["auto_choices"] and set(data["auto_choices"].values()) <= {"rings", "dense"}
 
 
 def test_benchmark_network_takes_model_kwargs_and_refuses_bad_ones(tmp_path):
-    out = tmp_path / "unet.json"
-    result = CliRunner().invoke(app, ["benchmark", "network", "--model", "gmr_unet", "--shape", "1,3,32,32", "--base-channels", "4",
-                                      "--model-kwargs", "{kernel_sizes: [5, 5, 3, 3], num_rings: [5, 5, 3, 3]}", "--repeats", "1",
-                                      "--device", "cpu", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    assert json.loads(out.read_text())["model_kwargs"]["num_rings"] == [5, 5, 3, 3]
+    data = run_json(["benchmark", "network", "--model", "gmr_unet", "--shape", "1,3,32,32", "--base-channels", "4",
+                     "--model-kwargs", "{kernel_sizes: [5, 5, 3, 3], num_rings: [5, 5, 3, 3]}"], tmp_path / "unet.json")
+    assert data["model_kwargs"]["num_rings"] == [5, 5, 3, 3]
     for bad in ("[1, 2]", "{base_channels: 8}", "{kernel_sizes: [4, 4, 4, 4]}", "{: ["):
         result = CliRunner().invoke(app, ["benchmark", "network", "--model", "gmr_unet", "--shape", "1,3,32,32",
                                           "--model-kwargs", bad, "--out", str(tmp_path / "x.json")])
@@ -66,11 +66,7 @@ def test_segment_benchmark_labels_checkpoints_apart():
 
 
 def test_benchmark_impl_times_both_paths_for_every_shape(tmp_path):
-    out = tmp_path / "impl.json"
-    result = CliRunner().invoke(app, ["benchmark", "impl", "--channels", "4", "--sides", "16,24", "--repeats", "1",
-                                      "--device", "cpu", "--out", str(out)])
-    assert result.exit_code == 0, result.output
-    data = json.loads(out.read_text())
+    data = run_json(["benchmark", "impl", "--channels", "4", "--sides", "16,24"], tmp_path / "impl.json")
     assert data["n"] == 8 and len(data["rows"]) == 8  # 4->4 (8 is not among the widths) x 4 kernels x 2 sides
     for row in data["rows"]:
         assert row["auto"] in ("dense", "rings") and row["auto_vs_best"] >= 1.0

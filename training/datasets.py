@@ -31,7 +31,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .targets import nuclei_targets, resize_labels
 
-__all__ = ["DataError", "Sample", "LoadedData", "load_dataset", "resample_image", "split_names",
+__all__ = ["DataError", "Sample", "LoadedData", "load_dataset", "resample_image", "resize_image", "split_names",
            "NucleiCrops", "TileSamples", "IMAGE_EXTENSIONS", "model_targets"]
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
@@ -116,14 +116,24 @@ def resample_image(image: np.ndarray, from_mpp: float, to_mpp: float) -> np.ndar
     Shape:
         ``(H, W, C) -> (round(H * from/to), round(W * from/to), C)``.
     """
-    import cv2
-
     f = from_mpp / to_mpp
     if abs(f - 1) < 1e-3:
         return image
     h, w = image.shape[:2]
-    size = (max(1, round(w * f)), max(1, round(h * f)))
-    return cv2.resize(image, size, interpolation=cv2.INTER_AREA if f < 1 else cv2.INTER_LINEAR)
+    return resize_image(image, (max(1, round(h * f)), max(1, round(w * f))))
+
+
+def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
+    """Resize an image (or float maps) to ``size_hw``: area averaging when shrinking, else linear.
+
+    Shape:
+        ``(H, W[, C]) -> (*size_hw[, C])``.
+    """
+    import cv2
+
+    h, w = size_hw
+    shrink = h * w < image.shape[0] * image.shape[1]
+    return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
 def _mpp_table(cfg: DataConfig) -> dict[str, float]:
@@ -353,14 +363,9 @@ def model_targets(sample: Sample, aligned: bool = True) -> np.ndarray:
     Shape:
         ``sample.image (h, w, 3)`` -> ``(h, w, 2)`` float32 (foreground, normalised distance).
     """
-    import cv2
-
     if not aligned or sample.native_labels is None or sample.native_labels.shape == sample.image.shape[:2]:
         return np.stack(nuclei_targets(sample.labels), axis=-1)
-    maps = np.stack(nuclei_targets(sample.native_labels), axis=-1)
-    h, w = sample.image.shape[:2]
-    shrink = h * w < maps.shape[0] * maps.shape[1]
-    return cv2.resize(maps, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
+    return resize_image(np.stack(nuclei_targets(sample.native_labels), axis=-1), sample.image.shape[:2])
 
 
 class NucleiCrops(Dataset):

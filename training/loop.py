@@ -199,8 +199,8 @@ def _validate_classify(module, loader, device, n_classes: int, amp: bool) -> dic
     return {"val_loss": loss / len(labels), **{f"val_{k}": v for k, v in classification_scores(probs, labels, n_classes).items()}}
 
 
-def _init_weights(module: torch.nn.Module, cfg: TrainConfig, log: Callable[[str], None]) -> str:
-    """Load ``cfg.init``'s weights into ``module`` (fine-tuning); returns the checkpoint's checksum.
+def _init_weights(module: torch.nn.Module, cfg: TrainConfig, log: Callable[[str], None]) -> None:
+    """Load ``cfg.init``'s weights into ``module`` (fine-tuning).
 
     Raises:
         ValueError: the checkpoint is unreadable, made for another task, or does not fit the model.
@@ -220,7 +220,6 @@ def _init_weights(module: torch.nn.Module, cfg: TrainConfig, log: Callable[[str]
         raise ValueError(f"init: {cfg.init} does not fit {cfg.model} with model_kwargs {cfg.model_kwargs}: {mismatch}")
     module.load_state_dict(state)
     log(f"init: weights from {cfg.init} (checksum {loaded.checksum})")
-    return loaded.checksum
 
 
 def _config_changes(stored: dict, current: dict, prefix: str = "") -> list[str]:
