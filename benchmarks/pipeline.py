@@ -36,7 +36,7 @@ __all__ = ["run_pipeline_benchmark", "tiatoolbox_rate", "peak_rss_of"]
 
 def _setup(slide_path, cfg):
     from pipeline.models import load_model
-    from pipeline.predict import open_configured_slide
+    from pipeline.stages import open_configured_slide
     from pipeline.tiles import make_grid
     from pipeline.tissue import detect_tissue
 

@@ -56,7 +56,8 @@ def _step_fn(name, kwargs, tile, batch, device, amp):
 def _loader_rate(kind: str, batches: int, workers: int) -> float:
     from training.augment import build_augment
     from training.config import AugmentConfig
-    from training.datasets import NucleiCrops, Sample, TileSamples
+    from training.datasets import Sample
+    from training.samples import NucleiCrops, TileSamples
 
     rng = np.random.default_rng(0)
     aug = build_augment(AugmentConfig())

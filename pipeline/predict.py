@@ -15,112 +15,25 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import math
-import os
 import time
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import numpy as np
 
-from .config import ModelSpec, PipelineConfig
-from .outputs import OutputError, disk_errors, slide_lock
-from .read import Slide, SlideError, open_slide, read_mpp_csv, slide_id
+from .config import PipelineConfig
+from .outputs import disk_errors, slide_lock
+from .read import SlideError, slide_id
+from .stages import Progress, ensure_writable, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
 from .tiles import TileDataset, TileGrid, make_grid
-from .tissue import detect_tissue, mask_png_meta, render_thumbnail, save_mask_png
 from .write_geojson import polygon_feature, write_feature_collection
 from .write_overlay import class_colors, write_overlay
 from .write_zarr import (
     done_chunks, finalize_store, hex_color, mark_chunk_done, open_partial_store, store_matches, stored_attrs, write_label,
 )
 
-__all__ = ["OutputError", "open_configured_slide", "tissue_stage", "classify_slide", "slide_outputs", "run_fingerprint"]
-
-Progress = Optional[Callable[[int, int], None]]  # (tiles done in this call, tiles to do)
-
-
-def slide_outputs(out_dir: str | Path, sid: str) -> dict[str, Path]:
-    """Every file the pipeline writes for slide ``sid``, all inside ``out_dir``.
-
-    Raises:
-        OutputError: when ``sid`` would lead outside ``out_dir`` (ids from :func:`slide_id`
-            never do; this guards every caller).
-    """
-    root = Path(out_dir)
-    d = root / sid
-    if not sid or sid in (".", "..") or Path(sid).name != sid or not d.resolve().is_relative_to(root.resolve()):
-        raise OutputError(f"{root}: slide id {sid!r} would write outside the output folder")
-    return {
-        "dir": d,
-        "tissue_png": d / f"{sid}.tissue.png",
-        "classify_zarr": d / f"{sid}.classify.ome.zarr",
-        "tiles_geojson": d / f"{sid}.tiles.geojson",
-        "overlay_png": d / f"{sid}.overlay.png",
-        "summary_json": d / f"{sid}.summary.json",
-        "nuclei_zarr": d / f"{sid}.nuclei.ome.zarr",
-        "nuclei_geojson": d / f"{sid}.nuclei.geojson",
-        "nuclei_summary_json": d / f"{sid}.nuclei.summary.json",
-    }
-
-
-def _ensure_writable(d: Path) -> None:
-    try:
-        d.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise OutputError(f"{d}: cannot create the output folder ({err.strerror})") from None
-    if not os.access(d, os.W_OK | os.X_OK):
-        raise OutputError(f"{d}: output folder is not writable")
-
-
-def open_configured_slide(path: str | Path, cfg: PipelineConfig) -> Slide:
-    """Open a slide with the config's mpp fallbacks."""
-    table = read_mpp_csv(cfg.mpp_csv) if cfg.mpp_csv else None
-    return open_slide(path, mpp=cfg.mpp, mpp_csv=table)
-
-
-def tissue_stage(slide: Slide, cfg: PipelineConfig, out_dir: str | Path) -> tuple[np.ndarray, np.ndarray]:
-    """Detect tissue and save the mask PNG, or reuse the PNG an earlier tissue stage wrote for the
-    same slide file and tissue settings (recorded in the PNG); returns ``(mask, thumbnail)`` at
-    ``cfg.tissue.mask_mpp``."""
-    paths = slide_outputs(out_dir, slide_id(slide.path))
-    _ensure_writable(paths["dir"])
-    with slide_lock(paths["dir"], "tissue", wait=True), disk_errors(paths["dir"]):
-        return _tissue_locked(slide, cfg, paths)
-
-
-def _tissue_locked(slide: Slide, cfg: PipelineConfig, paths: dict) -> tuple[np.ndarray, np.ndarray]:
-    from PIL import Image
-
-    thumb = render_thumbnail(slide, cfg.tissue.mask_mpp)
-    png = paths["tissue_png"]
-    stat = slide.path.stat()
-    meta = {"slide_size": stat.st_size, "slide_mtime": int(stat.st_mtime), "mpp": slide.mpp,
-            "mask_mpp": cfg.tissue.mask_mpp, "min_object_um2": cfg.tissue.min_object_um2}
-    if png.is_file() and mask_png_meta(png) == json_safe(meta):
-        mask = np.asarray(Image.open(png)) > 127
-        if mask.shape == thumb.shape[:2]:
-            return mask, thumb
-    mask = detect_tissue(slide, cfg.tissue.mask_mpp, cfg.tissue.min_object_um2, thumbnail=thumb)
-    save_mask_png(mask, png, meta)
-    return mask, thumb
-
-
-def run_fingerprint(slide: Slide, spec: ModelSpec, checksum: str, cfg: PipelineConfig, device) -> dict:
-    """What must be unchanged for a stored result to be reused or a partial one resumed:
-    everything that changes the numbers (slide, model, settings, device type, precision, batch
-    size, and the code that computes them)."""
-    from .runtime import code_digest
-
-    stat = slide.path.stat()
-    dev_type = getattr(device, "type", str(device))
-    return json_safe({
-        "slide": str(slide.path.resolve()), "size": stat.st_size, "mtime": int(stat.st_mtime), "mpp": slide.mpp,
-        "model_checksum": checksum, "spec": dataclasses.asdict(spec), "tta": cfg.run.tta,
-        "tissue": dataclasses.asdict(cfg.tissue), "chunk": cfg.run.chunk_tiles, "device_type": dev_type,
-        "amp": bool(cfg.run.amp and dev_type == "cuda"), "dtype": "float32", "batch_size": cfg.run.batch_size,
-        "code": code_digest(),
-    })
+__all__ = ["classify_slide"]
 
 
 def _grid_geometry(grid: TileGrid, slide_mpp: float) -> tuple[tuple, tuple]:
@@ -159,7 +72,7 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
     slide = open_configured_slide(path, cfg)
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)
-    _ensure_writable(paths["dir"])
+    ensure_writable(paths["dir"])
     with slide_lock(paths["dir"], "classify"), disk_errors(paths["dir"]):
         mask, thumb = tissue_stage(slide, cfg, out_dir)
         chunk = cfg.run.chunk_tiles
@@ -238,12 +151,6 @@ def _finish_classify_store(group, final, grid, slide, mask, cfg, classes, loaded
              "model_checksum": loaded.checksum, "trained": loaded.trained, "classes": classes,
              "tile_px": grid.tile_px, "tile_mpp": grid.mpp, "slide_mpp": slide.mpp, "tiles_per_s": tiles_per_s}
     finalize_store(group, final, "class_probabilities", scale, centre, channels, extra)
-
-
-def json_safe(obj):
-    import json
-
-    return json.loads(json.dumps(obj, default=str))
 
 
 def _classify_outputs(slide, grid, mask, thumb, cfg, classes, loaded, paths, dev) -> dict:

@@ -26,7 +26,7 @@ from typing import Any, Optional
 
 import numpy as np
 
-__all__ = ["SlideError", "Slide", "open_slide", "read_region", "read_mpp_csv", "slide_id"]
+__all__ = ["SlideError", "Slide", "open_slide", "slide_from_array", "read_region", "read_mpp_csv", "slide_id"]
 
 MPP_RANGE = (0.05, 200.0)  # plausible micrometres per pixel; outside it the metadata is ignored
 
@@ -215,6 +215,22 @@ def _open_tiatoolbox(path: Path, openslide_error: Exception):
         ) from None
 
 
+def slide_from_array(image: np.ndarray, mpp: float, name: str = "image") -> Slide:
+    """An in-memory RGB image as a one-level :class:`Slide`, read by :func:`read_region` like a file
+    (evaluation runs the slide code path on dataset images this way).
+
+    Shape:
+        image ``(H, W, 3)`` uint8.
+    """
+    image = np.asarray(image)
+    if image.ndim != 3 or image.shape[2] < 3 or image.dtype != np.uint8:
+        raise ValueError(f"{name}: expected an (H, W, 3) uint8 image, got {image.shape} {image.dtype}")
+    if not (isinstance(mpp, (int, float)) and math.isfinite(mpp) and mpp > 0):
+        raise ValueError(f"{name}: mpp must be a positive number, got {mpp!r}")
+    h, w = image.shape[:2]
+    return Slide(Path(name), float(mpp), "array", ((w, h),), (1.0,), "array", image[..., :3])
+
+
 def best_level(slide: Slide, target_mpp: float) -> int:
     """The coarsest level whose resolution is at least as fine as ``target_mpp``."""
     level = 0
@@ -245,7 +261,11 @@ def read_region(slide: Slide, location: tuple[int, int], size: tuple[int, int], 
     h_lvl = max(1, int(math.ceil(size[1] * scale / ds)))
     x, y = int(location[0]), int(location[1])
     try:
-        if slide.backend == "openslide":
+        if slide.backend == "array":
+            rgb = np.full((h_lvl, w_lvl, 3), 255, np.uint8)  # white beyond the image, as OpenSlide gives
+            src = slide.handle[max(y, 0): max(y + h_lvl, 0), max(x, 0): max(x + w_lvl, 0)]
+            rgb[max(-y, 0): max(-y, 0) + src.shape[0], max(-x, 0): max(-x, 0) + src.shape[1]] = src
+        elif slide.backend == "openslide":
             rgba = np.asarray(slide.handle.read_region((x, y), level, (w_lvl, h_lvl)))
             rgb = rgba[..., :3]
             if rgba[..., 3].min() < 255:  # beyond the slide or in an empty region: composite over white

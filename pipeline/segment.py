@@ -1,14 +1,13 @@
 """Nuclei segmentation of a slide or image: probability, instance labels, detections.
 
 The slide at the model's resolution is cut into square blocks (``block_px``). Each block on
-tissue is read with a margin at least the network's receptive radius, segmented in one
-forward pass (so its core is exactly what the whole slide would give: no seams), turned into
-instances (marker watershed on the model's foreground and distance maps, see
-:mod:`pipeline.instances`), cropped to the core, written to the ``.partial`` OME-Zarr store and
-recorded as done: a killed run resumes at the next block and memory does not grow with the
-slide. A nucleus's id is ``1 + y * width + x`` of its centroid pixel (at the model's mpp), so
-the two blocks that see a nucleus on their shared edge give it the same id, and a rerun
-writes the same ids.
+tissue is segmented by :func:`pipeline.nuclei.segment_block` (the one nuclei inference path,
+which evaluation runs too: read with a margin of the network's receptive radius, reflected
+beyond the slide's edge, one forward pass, marker-watershed instances, cropped to the core),
+written to the ``.partial`` OME-Zarr store and recorded as done: a killed run resumes at the
+next block and memory does not grow with the slide. A nucleus's id is ``1 + y * width + x`` of
+its centroid pixel (at the model's mpp), so the two blocks that see a nucleus on their shared
+edge give it the same id, and a rerun writes the same ids.
 
 Example::
 
@@ -27,43 +26,29 @@ from typing import Optional
 
 import numpy as np
 
+from .nuclei import block_origins, margin_px, model_extent, segment_block
 from .outputs import disk_errors, slide_lock
-from .predict import Progress, _ensure_writable, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
-from .read import read_region, slide_id
+from .read import slide_id
+from .tissue import NoTissueError
+from .stages import Progress, ensure_writable, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
 from .write_geojson import pixel_outline, polygon_feature, write_feature_collection
 from .write_zarr import done_chunks, finalize_store, mark_chunk_done, open_partial_store, store_matches, stored_attrs, write_label
 
-__all__ = ["segment_slide", "block_instances", "model_margin_px"]
+__all__ = ["segment_slide", "model_margin_px", "is_field_of_view", "FIELD_OF_VIEW_MAX_PX"]
+
+FIELD_OF_VIEW_MAX_PX = 2048 * 2048  # a one-level image this small is a crop someone chose: segmented whole
+
+
+def is_field_of_view(slide) -> bool:
+    """A crop (exported from QuPath or Fiji, a dataset image), not a slide: one pyramid level and at
+    most :data:`FIELD_OF_VIEW_MAX_PX` pixels. It is tissue by intent, so it is segmented whole."""
+    w0, h0 = slide.dimensions
+    return len(slide.level_dimensions) == 1 and w0 * h0 <= FIELD_OF_VIEW_MAX_PX
 
 
 def model_margin_px(loaded) -> int:
-    """The block margin: the network's receptive radius (or the spec's overlap when larger)."""
-    return max(int(getattr(loaded.module, "receptive_radius_px", 0)), loaded.spec.overlap_px)
-
-
-def block_instances(maps: np.ndarray, post, margin: int, core_hw: tuple[int, int], origin_xy: tuple[int, int],
-                    width: int) -> np.ndarray:
-    """Instances of a block read with ``margin``, cropped to its core, with global centroid ids.
-
-    Shape:
-        maps ``(C, h + 2m, w + 2m)`` -> ``(h, w)`` uint64 (0 = background).
-    """
-    from scipy import ndimage
-
-    from .instances import instances_from_maps
-
-    labels = instances_from_maps(maps[0], maps[1] if len(maps) > 1 else None, post)
-    n = int(labels.max())
-    h, w = core_hw
-    if n == 0:
-        return np.zeros((h, w), np.uint64)
-    index = np.arange(1, n + 1)
-    cy, cx = (np.asarray(c) for c in zip(*ndimage.center_of_mass(np.ones_like(labels), labels, index)))
-    gy = np.clip(np.round(cy).astype(np.int64) + origin_xy[1] - margin, 0, None)
-    gx = np.clip(np.round(cx).astype(np.int64) + origin_xy[0] - margin, 0, width - 1)
-    lut = np.zeros(n + 1, np.uint64)
-    lut[1:] = (gy * width + gx + 1).astype(np.uint64)
-    return lut[labels[margin: margin + h, margin: margin + w]]
+    """The block margin of a loaded model: its receptive radius, or the spec's overlap when larger."""
+    return margin_px(loaded.module, loaded.spec.overlap_px)
 
 
 def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[str] = None, progress: Progress = None,
@@ -76,10 +61,9 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     Raises:
         SlideError, NoTissueError, ModelError, OutputError: with the file and the problem.
     """
-    import torch
     import zarr
 
-    from .infer import prepare_model, segment_maps
+    from .infer import prepare_model
     from .instances import PostProcess
     from .models import load_model
     from .runtime import bound_heap_growth, resolve_device
@@ -98,16 +82,20 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     slide = open_configured_slide(path, cfg)
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)
-    _ensure_writable(paths["dir"])
+    ensure_writable(paths["dir"])
     with slide_lock(paths["dir"], "segment"), disk_errors(paths["dir"]):
-        mask, _ = tissue_stage(slide, cfg, out_dir)
-        w0, h0 = slide.dimensions
-        f = spec.mpp / slide.mpp  # level-0 px per output px
-        width, height = math.ceil(w0 / f), math.ceil(h0 / f)
-        n_bx, n_by = math.ceil(width / block_px), math.ceil(height / block_px)
+        whole = is_field_of_view(slide)
+        try:
+            mask, _ = tissue_stage(slide, cfg, out_dir)
+        except NoTissueError:
+            if not whole:
+                raise
+            mask = np.zeros((1, 1), bool)  # a pale crop: no tissue found, segmented whole all the same
+        width, height, f = model_extent(slide, spec.mpp)  # f: level-0 px per output px
         m = cfg.tissue.mask_mpp / spec.mpp  # output px per mask px
-        blocks = [(by, bx) for by in range(n_by) for bx in range(n_bx)
-                  if mask[int(by * block_px / m): math.ceil((by + 1) * block_px / m), int(bx * block_px / m): math.ceil((bx + 1) * block_px / m)].any()]
+        my, mx = mask.shape[0] - 1, mask.shape[1] - 1  # a thin last block may start inside the mask's last pixel
+        blocks = [(k, x0, y0) for k, (x0, y0) in enumerate(block_origins(width, height, block_px))
+                  if whole or mask[min(int(y0 / m), my): math.ceil((y0 + block_px) / m), min(int(x0 / m), mx): math.ceil((x0 + block_px) / m)].any()]
         final = paths["nuclei_zarr"]
         margin = model_margin_px(loaded)
         fingerprint = json_safe({**run_fingerprint(slide, spec, loaded.checksum, cfg, dev), "block_px": block_px,
@@ -120,17 +108,16 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
                                    dimension_names=("c", "y", "x"))
                 group.create_array("_labels", shape=(height, width), chunks=(block_px, block_px), dtype="uint64", fill_value=0)
             finished = done_chunks(group)
-            todo = [(by, bx) for by, bx in blocks if by * n_bx + bx not in finished]
+            todo = [(c, x0, y0) for c, x0, y0 in blocks if c not in finished]
             prepare_model(loaded, dev)
             t0 = time.perf_counter()
-            for k, (by, bx) in enumerate(todo):
-                x0, y0 = bx * block_px, by * block_px
+            for k, (c, x0, y0) in enumerate(todo):
                 bw, bh = min(block_px, width - x0), min(block_px, height - y0)
-                region = read_region(slide, (round((x0 - margin) * f), round((y0 - margin) * f)), (bw + 2 * margin, bh + 2 * margin), spec.mpp)
-                maps = segment_maps(loaded.module, torch.from_numpy(region), loaded.mean, loaded.std, dev, amp=cfg.run.amp, tta=cfg.run.tta)
-                group["0"][0, y0: y0 + bh, x0: x0 + bw] = np.round(maps[0, margin: margin + bh, margin: margin + bw] * 255).astype(np.uint8)
-                group["_labels"][y0: y0 + bh, x0: x0 + bw] = block_instances(maps, post, margin, (bh, bw), (x0, y0), width)
-                mark_chunk_done(group, by * n_bx + bx)
+                prob, labels = segment_block(loaded.module, loaded.mean, loaded.std, slide, (x0, y0), (bw, bh), margin, spec.mpp,
+                                             post, dev, cfg.run.amp, cfg.run.tta)
+                group["0"][0, y0: y0 + bh, x0: x0 + bw] = prob
+                group["_labels"][y0: y0 + bh, x0: x0 + bw] = labels
+                mark_chunk_done(group, c)
                 if progress is not None:
                     progress(k + 1, len(todo))
                 if stop_after_blocks is not None and k + 1 >= stop_after_blocks:
@@ -143,11 +130,13 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
         store = zarr.open_group(str(final), mode="r")
         n_features = _write_nuclei_geojson(store, paths["nuclei_geojson"], sid, f, block_px, spec.mpp)
         tissue_mm2 = float(mask.sum()) * cfg.tissue.mask_mpp**2 / 1e6
+        if whole:  # the whole crop was segmented: its density is per image area
+            tissue_mm2 = slide.dimensions[0] * slide.dimensions[1] * slide.mpp**2 / 1e6
         summary = {
             "slide": sid, "mpp": round(slide.mpp, 5), "seg_mpp": spec.mpp, "model": loaded.name,
             "model_checksum": loaded.checksum, "trained": loaded.trained, "device": str(dev),
             "nuclei_count": n_features, "nuclei_per_mm2": round(n_features / tissue_mm2, 2) if tissue_mm2 else None,
-            "blocks": len(blocks), "block_px": block_px, "margin_px": margin, "blocks_per_s": blocks_per_s,
+            "segmented": "whole image (a field of view)" if whole else "tissue blocks", "blocks": len(blocks), "block_px": block_px, "margin_px": margin, "blocks_per_s": blocks_per_s,
             "megapixels_per_s": round(blocks_per_s * block_px**2 / 1e6, 4) if blocks_per_s else None,
             "run_time_s": round(time.perf_counter() - start, 2),
             "outputs": {"nuclei_zarr": str(final), "nuclei_geojson": str(paths["nuclei_geojson"])},

@@ -15,7 +15,6 @@ Example:
 from __future__ import annotations
 
 import math
-import os
 from pathlib import Path
 
 import numpy as np

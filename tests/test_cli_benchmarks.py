@@ -7,7 +7,7 @@ import json
 
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from gmrpath.cli import app
 
 
 def test_benchmark_conv_writes_ratios_for_every_candidate(tmp_path):
@@ -71,3 +71,28 @@ def test_benchmark_impl_times_both_paths_for_every_shape(tmp_path):
     for row in data["rows"]:
         assert row["auto"] in ("dense", "rings") and row["auto_vs_best"] >= 1.0
     assert 0 <= data["within_5pct"] <= data["n"]
+
+
+def test_benchmark_fit_reports_a_ratio_per_variant(tmp_path):
+    import numpy as np
+    import tifffile
+    from PIL import Image
+
+    from test_training import blobs
+
+    rng = np.random.default_rng(0)
+    for sub in ("images", "labels"):
+        (tmp_path / "nuclei" / sub).mkdir(parents=True)
+    for i in range(2):
+        img, lab = blobs(rng, size=160)
+        Image.fromarray(img).save(tmp_path / "nuclei" / "images" / f"b{i}.png")
+        tifffile.imwrite(tmp_path / "nuclei" / "labels" / f"b{i}.tif", lab.astype(np.uint16))
+    result = CliRunner().invoke(app, ["benchmark", "fit", "--data", str(tmp_path / "nuclei"), "--steps", "12", "--variants",
+                                      "dense,gmr_unit", "--device", "cpu", "--out", str(tmp_path / "fit.json")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "fit.json").read_text())
+    assert set(data["final_loss"]) == {"dense", "gmr_unit"} and data["ratio_to_dense"]["dense"] == 1.0
+    assert all(len(c) == 12 and np.isfinite(c).all() for c in data["curves"].values())
+    bad = CliRunner().invoke(app, ["benchmark", "fit", "--data", str(tmp_path / "nuclei"), "--variants", "nope",
+                                   "--device", "cpu", "--out", str(tmp_path / "x.json")])
+    assert bad.exit_code == 1 and "unknown variant" in bad.output and not (tmp_path / "x.json").exists()

@@ -216,6 +216,8 @@ def test_init_variance_matches_torch_conv(sigma):
         dict(padding_mode="reflect"),
         dict(padding_mode="circular", stride=2),
         dict(circular=False, num_rings=2),
+        dict(basis_norm="unit"),
+        dict(basis_norm="unit", sigma="channel"),
     ],
 )
 def test_rings_path_equals_dense_path_forward_and_gradients(d, kwargs):
@@ -249,8 +251,9 @@ def test_dense_path_equals_explicit_padding_and_torch_conv(d):
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("impl", ["dense", "rings"])
 @pytest.mark.parametrize("sigma", ["layer", "channel"])
-def test_gradcheck_float64(d, impl, sigma):
-    conv = GMRConv(d, 2, 3, 3, impl=impl, sigma=sigma, groups=1, dtype=torch.float64)
+@pytest.mark.parametrize("basis_norm", ["none", "unit"])
+def test_gradcheck_float64(d, impl, sigma, basis_norm):
+    conv = GMRConv(d, 2, 3, 3, impl=impl, sigma=sigma, groups=1, basis_norm=basis_norm, dtype=torch.float64)
     x = torch.randn(1, 2, *([5] * d), dtype=torch.float64, requires_grad=True)
     params = (conv.weight, conv.log_sigma, conv.bias)
 
@@ -259,6 +262,23 @@ def test_gradcheck_float64(d, impl, sigma):
             return conv(inp)
 
     assert torch.autograd.gradcheck(fn, (x, *params), eps=1e-6, atol=1e-5)
+
+
+@pytest.mark.parametrize("d", DIMS)
+@pytest.mark.parametrize("sigma", ["layer", "channel"])
+def test_unit_basis_conditions_the_rings_and_spans_the_same_kernels(d, sigma):
+    plain = GMRConv(d, 3, 4, 9, sigma=sigma, dtype=torch.float64)
+    unit = GMRConv(d, 3, 4, 9, sigma=sigma, basis_norm="unit", dtype=torch.float64)
+    energy = lambda conv: conv.ring_basis().flatten(-d).square().sum(-1)  # noqa: E731
+    assert float(energy(plain).max() / energy(plain).min()) > 2.5  # the paper's rings: unevenly scaled
+    assert torch.allclose(energy(unit), torch.ones_like(energy(unit)))
+    with torch.no_grad():  # same function class: rescaled weights give the plain layer's kernel exactly
+        norms = energy(plain).sqrt()
+        unit.weight.copy_(plain.weight * (norms if sigma == "layer" else norms[None]))
+        unit.bias.copy_(plain.bias)
+    assert_close_rel(unit.kernel(), plain.kernel(), 1e-12)
+    with pytest.raises(ValueError, match="basis_norm"):
+        GMRConv(d, 3, 4, 5, basis_norm="l1")
 
 
 # ---------------------------------------------------------------- compile and export
@@ -284,7 +304,8 @@ def test_torch_export_agrees_with_eager_eval(d):
 # ---------------------------------------------------------------- exact equivariance
 @pytest.mark.parametrize("d", DIMS)
 @pytest.mark.parametrize("impl", ["dense", "rings"])
-@pytest.mark.parametrize("variant", [dict(), dict(profile="index"), dict(profile="area"), dict(sigma="none"), dict(sigma="channel")])
+@pytest.mark.parametrize("variant", [dict(), dict(profile="index"), dict(profile="area"), dict(sigma="none"), dict(sigma="channel"),
+                                     dict(basis_norm="unit", sigma="channel")])
 def test_exact_equivariance_to_every_grid_symmetry(d, impl, variant):
     conv = GMRConv(d, 3, 4, 5, impl=impl, **variant).eval()
     x = _x(d, c=3, size=8)

@@ -16,10 +16,11 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import DEMO_SLIDE, REPO
-from pipeline.cli import app
+from gmrpath.cli import app
 from pipeline.config import ConfigError, config_from_dict, load_config, scan_slides
 from pipeline.outputs import OutputError, atomic_path, lock_name, slide_lock
-from pipeline.predict import classify_slide, run_fingerprint, slide_outputs, tissue_stage
+from pipeline.predict import classify_slide
+from pipeline.stages import run_fingerprint, slide_outputs, tissue_stage
 from pipeline.read import open_slide, slide_id
 from pipeline.report import record_failure, write_cohort
 

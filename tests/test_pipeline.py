@@ -17,10 +17,12 @@ from typer.testing import CliRunner
 
 from benchmarks.synthetic import read_demo_tissue, write_pyramidal_tiff
 from conftest import DEMO_SLIDE, REPO
-from pipeline.cli import app
+from gmrpath.cli import app
 from pipeline.config import ConfigError, ModelSpec, config_from_dict, load_config
 from pipeline.models import ModelError, load_model, save_checkpoint
-from pipeline.predict import OutputError, classify_slide, slide_outputs
+from pipeline.outputs import OutputError
+from pipeline.predict import classify_slide
+from pipeline.stages import slide_outputs
 from pipeline.read import SlideError, open_slide, read_mpp_csv, read_region
 from pipeline.tiles import make_grid
 from pipeline.tissue import NoTissueError, detect_tissue
@@ -329,7 +331,7 @@ def test_store_validates_as_ngff_05_and_opens_with_the_napari_reader(demo_run):
 
 
 def test_tissue_mask_is_reused_only_for_the_same_settings(tmp_path):
-    from pipeline.predict import open_configured_slide, tissue_stage
+    from pipeline.stages import open_configured_slide, tissue_stage
     from pipeline.tissue import mask_png_meta
 
     cfg = _cfg(tmp_path)

@@ -24,7 +24,8 @@ from pipeline.models import load_model
 from pipeline.config import ModelSpec
 from training.augment import build_augment
 from training.config import AugmentConfig, DataConfig, TrainConfigError, load_train_config
-from training.datasets import DataError, NucleiCrops, Sample, load_dataset, split_names
+from training.datasets import DataError, Sample, load_dataset, split_names
+from training.samples import NucleiCrops
 from training.metrics import aji, classification_scores, panoptic_quality, segmentation_scores
 from training.targets import nuclei_targets
 
@@ -237,7 +238,8 @@ def test_targets_are_exactly_rotation_equivariant():
 def test_targets_at_the_model_resolution_lie_where_the_image_nuclei_do(tmp_path, nuclei_dir):
     from scipy import ndimage
 
-    from training.datasets import model_targets, resample_image
+    from training.datasets import resample_image
+    from training.samples import model_targets
     from training.targets import resize_labels
 
     lab = np.zeros((400, 400), np.int32)
@@ -425,7 +427,7 @@ def test_init_starts_a_run_from_a_checkpoint_and_refuses_one_that_does_not_fit(t
 def test_ddp_two_processes_gloo(tmp_path, nuclei_dir):
     path = write_cfg(tmp_path, epochs=1, samples_per_epoch=8, val_angles=[])
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "training",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m", "gmrpath", "train",
            str(path), "--set", f"data.root={nuclei_dir}", "--device", "cpu"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -437,7 +439,7 @@ def test_ddp_two_processes_gloo(tmp_path, nuclei_dir):
 def test_train_cli_bad_config_is_one_line(tmp_path):
     from typer.testing import CliRunner
 
-    from pipeline.cli import app
+    from gmrpath.cli import app
 
     path = write_cfg(tmp_path, epochs=-1)
     result = CliRunner().invoke(app, ["train", str(path), "--set", f"data.root={tmp_path}"])

@@ -17,7 +17,7 @@ import zarr
 from benchmarks.synthetic import read_demo_tissue, write_pyramidal_tiff
 from conftest import DEMO_SLIDE, REPO
 from pipeline.config import config_from_dict
-from pipeline.predict import slide_outputs
+from pipeline.stages import slide_outputs
 from pipeline.report import write_cohort
 from pipeline.segment import segment_slide
 

@@ -30,33 +30,12 @@ from pipeline.config import ModelSpec
 from .config import DataConfig
 from .datasets import load_dataset
 from .metrics import classification_scores, segmentation_scores
+from .protocol import central_disc, evaluate_nuclei_image, rotate_image
+from .records import write_rows
 
-__all__ = ["evaluate", "rotate_image", "CLASSICAL"]
+__all__ = ["evaluate", "CLASSICAL"]
 
 CLASSICAL = "classical"
-
-
-def rotate_image(image: np.ndarray, angle: float, nearest: bool = False, border: str = "reflect") -> np.ndarray:
-    """An image (or map, or label image with ``nearest``) rotated by ``angle`` degrees
-    counter-clockwise about its centre; multiples of 90 are exact pixel permutations.
-
-    Args:
-        border: how pixels from outside are filled: ``reflect``, ``replicate`` or ``constant`` (0).
-
-    Shape:
-        ``(H, W[, C]) -> (H, W[, C])``.
-    """
-    import cv2
-
-    a = angle % 360
-    if a % 90 == 0:
-        return np.ascontiguousarray(np.rot90(image, int(a // 90)))
-    h, w = image.shape[:2]
-    m = cv2.getRotationMatrix2D(((w - 1) / 2, (h - 1) / 2), a, 1.0)
-    borders = {"reflect": cv2.BORDER_REFLECT_101, "replicate": cv2.BORDER_REPLICATE, "constant": cv2.BORDER_CONSTANT}
-    src = image.astype(np.float32) if image.dtype not in (np.uint8, np.float32) else image
-    out = cv2.warpAffine(src, m, (w, h), flags=cv2.INTER_NEAREST if nearest else cv2.INTER_LINEAR, borderMode=borders[border])
-    return out.astype(image.dtype, copy=False)
 
 
 def _load(name: str, task: str):
@@ -94,7 +73,6 @@ def _classify(loaded, samples, angles, device, batch_size: int = 32) -> list[dic
 
 def _segment(loaded, samples, angles, device) -> list[dict]:
     from .classical import classical_nuclei
-    from .loop import central_disc, evaluate_nuclei_image
 
     post = PostProcess(**loaded.meta.get("postprocess", {})) if loaded is not None else None
     rows = []
@@ -105,7 +83,8 @@ def _segment(loaded, samples, angles, device) -> list[dict]:
                 labels = rotate_image(labels, -angle, nearest=True, border="constant")
                 valid = central_disc(s.native_labels.shape)
             else:
-                labels, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle)
+                labels, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle,
+                                                      mean=loaded.mean, std=loaded.std)
             if angle == 0:
                 rows.append({"image": s.name, "view": "upright", "value": 0.0, **segmentation_scores(s.native_labels, labels)})
             rows.append({"image": s.name, "view": "angle", "value": angle, **segmentation_scores(s.native_labels, labels, valid)})
@@ -185,8 +164,6 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         all_rows += [{"model": name, **r} for r in rows]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    from .loop import write_rows
-
     write_rows(all_rows, out / "evaluation.csv", report)
     _polar_plot(report, metrics[1] if task == "classify" else "dice", out / "polar.png")
     return report

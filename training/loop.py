@@ -18,8 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import csv
-import dataclasses
 import json
 import math
 import os
@@ -33,37 +31,19 @@ import torch.nn.functional as F
 import yaml
 
 from gmr_models import create_model, freeze_kernels
-from pipeline.infer import segment_maps
-from pipeline.instances import PostProcess, instances_from_maps
+from pipeline.instances import PostProcess
 from pipeline.models import save_checkpoint, state_mismatch
 
 from .augment import build_augment
 from .config import TrainConfig, config_dict
-from .datasets import LoadedData, NucleiCrops, TileSamples, load_dataset, resample_image
+from .datasets import LoadedData, load_dataset
+from .protocol import MEAN, STD, evaluate_nuclei_image, tune_postprocess
+from .records import atomic_save, code_version, write_rows
+from .samples import NucleiCrops, TileSamples
 
-__all__ = ["train", "TRAIN_STATE_FORMAT", "segment_loss", "nuclei_maps", "evaluate_nuclei_image", "tune_postprocess",
-           "central_disc", "code_version"]
+__all__ = ["train", "TRAIN_STATE_FORMAT", "segment_loss"]
 
 TRAIN_STATE_FORMAT = "gmrpath-train-state-v1"
-MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
-
-
-def code_version() -> str:
-    """The package version plus the git commit when run from a checkout."""
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        v = version("gmr-path")
-    except PackageNotFoundError:
-        v = "unknown"
-    head = Path(__file__).resolve().parents[1] / ".git" / "HEAD"
-    try:
-        ref = head.read_text().strip()
-        if ref.startswith("ref: "):
-            ref = (head.parent / ref[5:]).read_text().strip()
-        return f"{v}+g{ref[:10]}"
-    except OSError:
-        return v
 
 
 def _distributed() -> tuple[int, int, int]:
@@ -99,71 +79,6 @@ def segment_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     soft_dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
     mse = F.mse_loss(logits[:, 1].float().sigmoid(), target[:, 1])
     return bce + soft_dice + 2.0 * mse
-
-
-def nuclei_maps(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True) -> np.ndarray:
-    """The model's output maps for one nuclei sample at its native resolution, optionally rotated.
-
-    The native image is rotated by ``angle`` about its centre (multiples of 90: an exact pixel
-    permutation), resampled to the model's mpp and segmented; the maps are resized back and
-    rotated back.
-
-    Shape:
-        sample image ``(H, W, 3)`` -> ``(C, H, W)`` float32.
-    """
-    import cv2
-
-    from .evaluate import rotate_image
-
-    img = rotate_image(sample.native_image, angle)
-    small = resample_image(img, sample.native_mpp, model_mpp)
-    maps = segment_maps(module, small, MEAN, STD, device, amp=amp)
-    maps = [cv2.resize(m, (img.shape[1], img.shape[0]), interpolation=cv2.INTER_LINEAR) for m in maps]
-    return np.stack([rotate_image(m, -angle, border="replicate") for m in maps])
-
-
-def native_postprocess(post: PostProcess, model_mpp: float, native_mpp: float) -> PostProcess:
-    """``post`` with its minimum area converted from model pixels to native pixels."""
-    return dataclasses.replace(post, min_area_px=int(round(post.min_area_px * (model_mpp / native_mpp) ** 2)))
-
-
-def central_disc(shape) -> np.ndarray:
-    """The disc inscribed in an image: inside it at every rotation angle."""
-    h, w = shape[:2]
-    yy, xx = np.mgrid[:h, :w]
-    return (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 <= (min(h, w) / 2 - 1) ** 2
-
-
-def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostProcess, angle: float = 0.0,
-                          amp: bool = True) -> tuple[np.ndarray, np.ndarray]:
-    """Instances predicted for one nuclei sample at its native resolution, optionally rotated
-    (see :func:`nuclei_maps`). Returns ``(instances, valid)``: ``valid`` is the central disc,
-    inside the image at every angle (score there when comparing angles)."""
-    maps = nuclei_maps(module, sample, model_mpp, device, angle, amp)
-    labels = instances_from_maps(maps[0], maps[1] if len(maps) > 1 else None, native_postprocess(post, model_mpp, sample.native_mpp))
-    return labels, central_disc(sample.native_image.shape)
-
-
-TUNE_FG = (0.4, 0.5, 0.6)
-TUNE_H = (0.02, 0.05, 0.1, 0.15, 0.2, 0.3)
-
-
-def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True) -> tuple[PostProcess, list[dict]]:
-    """The foreground threshold and marker height that give the best mean AJI on ``samples``
-    (your own validation images: never the images you report as unseen)."""
-    from .metrics import aji
-
-    freeze_kernels(module.eval())
-    maps = [nuclei_maps(module, s, model_mpp, device, 0.0, amp) for s in samples]
-    rows = []
-    for fg in TUNE_FG:
-        for h in TUNE_H:
-            post = PostProcess(fg_threshold=fg, marker_h=h)
-            score = float(np.mean([aji(s.native_labels, instances_from_maps(m[0], m[1], native_postprocess(post, model_mpp, s.native_mpp)))
-                                   for s, m in zip(samples, maps)]))
-            rows.append({"fg_threshold": fg, "marker_h": h, "val_aji": score})
-    best = max(rows, key=lambda r: r["val_aji"])
-    return PostProcess(fg_threshold=best["fg_threshold"], marker_h=best["marker_h"]), rows
 
 
 def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dict:
@@ -232,28 +147,6 @@ def _config_changes(stored: dict, current: dict, prefix: str = "") -> list[str]:
         elif old != new and key not in ("epochs", "num_workers", "device"):
             out.append(f"{prefix}{key}: {old!r} -> {new!r}")
     return out
-
-
-def _atomic_save(obj, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    torch.save(obj, tmp)
-    tmp.replace(path)
-
-
-def write_rows(rows: list[dict], csv_path: Path, json_payload=None) -> None:
-    """``rows`` as a CSV (columns: every key, in first-seen order) and ``json_payload`` (default:
-    the rows) as JSON beside it, each written to a temporary name and renamed."""
-    keys = list(dict.fromkeys(k for row in rows for k in row))
-    tmp = csv_path.with_name(f".{csv_path.name}.tmp")
-    with open(tmp, "w", newline="") as fh:
-        w = csv.DictWriter(fh, fieldnames=keys)
-        w.writeheader()
-        w.writerows(rows)
-    tmp.replace(csv_path)
-    json_path = csv_path.with_suffix(".json")
-    tmp = json_path.with_name(f".{json_path.name}.tmp")
-    tmp.write_text(json.dumps(rows if json_payload is None else json_payload, indent=1))
-    tmp.replace(json_path)
 
 
 def _write_metrics(out: Path, history: list[dict]) -> None:
@@ -383,7 +276,7 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
             if score > best:
                 best, best_epoch = score, epoch + 1
                 _save_inference(module, cfg, data, model_kwargs, out / "best.pt", epoch + 1, row)
-            _atomic_save({"format": TRAIN_STATE_FORMAT, "epoch": epoch, "model": module.state_dict(),
+            atomic_save({"format": TRAIN_STATE_FORMAT, "epoch": epoch, "model": module.state_dict(),
                           "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(), "history": history,
                           "best": best, "best_epoch": best_epoch, "config": json.loads(json.dumps(config_dict(cfg)))}, state_path)
             _write_metrics(out, history)
@@ -414,7 +307,7 @@ def _tune_best(path: Path, data: LoadedData, cfg: TrainConfig, device, log) -> d
     post, rows = tune_postprocess(module, data.val, cfg.mpp, device, cfg.amp)
     best = max(r["val_aji"] for r in rows)
     ckpt["meta"] = {**ckpt.get("meta", {}), "postprocess": post.to_dict(), "postprocess_tuning": rows}
-    _atomic_save(ckpt, path)
+    atomic_save(ckpt, path)
     log(f"post-processing tuned on {len(data.val)} validation images: {post.to_dict()} (val AJI {best:.4f})")
     return {**post.to_dict(), "val_aji": best}
 

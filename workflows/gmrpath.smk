@@ -34,7 +34,7 @@ if not RESOLVED.is_file() or RESOLVED.read_text() != _text:  # rewrite only on c
     _tmp = RESOLVED.with_name(".config.yaml.tmp")
     _tmp.write_text(_text)
     _tmp.replace(RESOLVED)
-GMRPATH = f"{sys.executable} -m pipeline.cli"  # the interpreter running snakemake, so its environment
+GMRPATH = f"{sys.executable} -m gmrpath"  # the interpreter running snakemake, so its environment
 try:  # classify and segment of one slide run side by side, each on half the local cores
     STAGE_THREADS = max(1, workflow.cores // 2)
 except WorkflowError:  # a cluster executor without --cores: its profile's set-threads decides

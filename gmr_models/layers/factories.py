@@ -17,7 +17,7 @@ from typing import Callable
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CONV_FUNCTIONS", "layer_type", "check_spatial_dims"]
+__all__ = ["CONV_FUNCTIONS", "layer_type", "check_spatial_dims", "single_int"]
 
 CONV_FUNCTIONS: dict[int, Callable] = {1: F.conv1d, 2: F.conv2d, 3: F.conv3d}
 
@@ -51,3 +51,14 @@ def layer_type(name: str, spatial_dims: int) -> type[nn.Module]:
     if key not in _LAYERS:
         raise ValueError(f"unknown layer type {name!r}; choose one of {sorted(_LAYERS)}")
     return _LAYERS[key][check_spatial_dims(spatial_dims) - 1]
+
+
+def single_int(name: str, value) -> int:
+    """Accept an int, or a tuple of equal ints (the kernel is isotropic)."""
+    if isinstance(value, (tuple, list)):
+        if len(set(value)) != 1:
+            raise ValueError(f"{name} must be the same along every axis (GMR kernels are isotropic), got {value!r}")
+        value = value[0]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"{name} must be an int, got {value!r}")
+    return value

@@ -32,7 +32,6 @@ Example:
 
 from __future__ import annotations
 
-import itertools
 import math
 from typing import Optional, Union
 
@@ -41,74 +40,11 @@ import torch.nn.functional as F
 from torch.nn.utils import parametrize
 from torch import Tensor, nn
 
-from .factories import CONV_FUNCTIONS, check_spatial_dims
+from .factories import CONV_FUNCTIONS, check_spatial_dims, single_int
+from .rings import AREA_SUPERSAMPLE, BASIS_NORMS, FWHM_PER_SIGMA, IMPLS, PADDING_MODES, PROFILES, RING_COST, SIGMA_MODES, ring_geometry
+
 
 __all__ = ["GMRConv", "GMRConv1d", "GMRConv2d", "GMRConv3d", "ring_geometry"]
-
-PROFILES = ("radius", "index", "area")
-SIGMA_MODES = ("layer", "channel", "fixed", "none")
-IMPLS = ("auto", "dense", "rings")
-PADDING_MODES = ("zeros", "reflect", "replicate", "circular")
-FWHM_PER_SIGMA = 2.0 * math.sqrt(2.0 * math.log(2.0))  # 2.3548...
-AREA_SUPERSAMPLE = 4  # samples per pixel and axis for profile="area"
-
-# Cost model of the ring path relative to a dense convolution, per device type and mode, in units
-# of one dense multiply-add per output pixel: (depthwise multiply-add, 1x1-mix multiply-add, one
-# ring-response channel written and read back). Training on CPU: (6, 1, 0), read off
-# `gmrpath benchmark conv` on a 2-core x86 CPU (128 channels, 64^2) and checked on gmr_resnet18 with
-# `gmrpath benchmark network`. Inference on CPU: a least-squares fit of 70 random layer shapes
-# (16-128 channels, k 3-9, 2-5 rings, 64^2-582^2 pixels) timed on the same machine; the memory
-# term is what sends small-channel layers on large blocks (the nuclei U-Net) to dense, where the
-# ring responses cost more to move than the dense multiply-adds they save. Checked with
-# `gmrpath benchmark impl` (100 shapes of the same ranges): auto within 5% of the faster path for
-# 89, worst 2.2x (16 channels, 9x9, which it sends to dense). The CUDA values are a prior
-# (cuDNN's dense kernels are far more efficient than its depthwise ones) until measured on a GPU.
-RING_COST = {"cpu": {"inference": (2.0, 1.8, 120.0), "training": (6.0, 1.0, 0.0)},
-             "cuda": {"inference": (12.0, 1.0, 0.0), "training": (12.0, 1.0, 0.0)}}
-
-
-def ring_geometry(kernel_size: int, spatial_dims: int, num_rings: int, supersample: int = 1):
-    """Distances, hard-ring indices and ring centres of a ``kernel_size**spatial_dims`` kernel.
-
-    Args:
-        kernel_size: odd kernel size ``k``.
-        spatial_dims: 1, 2 or 3.
-        num_rings: number of rings ``n``.
-        supersample: sample points per pixel and axis (1 = pixel centres).
-
-    Returns:
-        ``(radius, index, mu, delta)``: ``radius`` (S, P) float64 distances of the ``S``
-        sample points of each of the ``P = k**d`` pixels; ``index`` (P,) int64 hard ring of
-        each pixel (ring edges ``linspace(0, k/2, n+1)``, -1 beyond the last edge); ``mu``
-        (n,) ring centres; ``delta`` their spacing.
-
-    Shape:
-        radius: (S, P) with S = supersample**spatial_dims, P = kernel_size**spatial_dims.
-
-    Example:
-        >>> radius, index, mu, delta = ring_geometry(5, 2, 3)
-        >>> radius.shape, mu.tolist(), delta
-        (torch.Size([1, 25]), [0.0, 1.25, 2.5], 1.25)
-    """
-    half = kernel_size // 2
-    centres = torch.arange(-half, half + 1, dtype=torch.float64)
-    grid = torch.stack(torch.meshgrid(*([centres] * spatial_dims), indexing="ij"), dim=-1)
-    grid = grid.reshape(-1, spatial_dims)  # (P, d)
-    sub = (torch.arange(supersample, dtype=torch.float64) + 0.5) / supersample - 0.5
-    offsets = torch.tensor(list(itertools.product(sub.tolist(), repeat=spatial_dims)), dtype=torch.float64)
-    radius = (grid[None] + offsets[:, None]).square().sum(-1).sqrt()  # (S, P)
-    centre_r = grid.square().sum(-1).sqrt()
-    edges = torch.linspace(0.0, kernel_size / 2.0, num_rings + 1, dtype=torch.float64)
-    index = torch.bucketize(centre_r, edges[1:], right=True)
-    index[index >= num_rings] = -1
-    delta = kernel_size / (2.0 * (num_rings - 1)) if num_rings > 1 else kernel_size / 2.0
-    mu = torch.arange(num_rings, dtype=torch.float64) * delta
-    return radius, index, mu, delta
-
-
-def _tuple_pad(pad: int, spatial_dims: int) -> list[int]:
-    return [pad, pad] * spatial_dims
-
 
 class GMRConv(nn.Module):
     """Gaussian Mixture Ring convolution for 1D, 2D and 3D inputs.
@@ -133,6 +69,11 @@ class GMRConv(nn.Module):
             ring indices with a normalised Gaussian (the authors' reference code); ``"area"``
             averages the radius profile over 4 samples per pixel and axis.
         circular: zero kernel positions outside the inscribed circle/sphere.
+        basis_norm: ``"none"`` (the paper's ring images) or ``"unit"``: each ring image divided
+            by its own L2 norm (per input channel with ``sigma="channel"``). The same kernels
+            are reachable (a reparameterisation), but every ring weight then moves its ring's
+            pattern equally fast, so the small inner rings that carry fine detail are not
+            starved of gradient (at k=9 with 9 rings their energy is up to 70x below the outer rings').
         impl: ``"dense"``, ``"rings"`` or ``"auto"`` (see the module docstring).
         device: device of the parameters.
         dtype: dtype of the parameters.
@@ -173,6 +114,7 @@ class GMRConv(nn.Module):
         profile: str = "radius",
         circular: bool = True,
         impl: str = "auto",
+        basis_norm: str = "none",
         device=None,
         dtype=None,
     ) -> None:
@@ -182,14 +124,14 @@ class GMRConv(nn.Module):
         for name, value in (("in_channels", in_channels), ("out_channels", out_channels)):
             if not isinstance(value, int) or value < 1:
                 raise ValueError(f"{name} must be a positive int, got {value!r}")
-        kernel_size = _single_int("kernel_size", kernel_size)
+        kernel_size = single_int("kernel_size", kernel_size)
         if kernel_size < 1 or kernel_size % 2 == 0:
             raise ValueError(f"kernel_size must be odd and positive (the kernel needs a centre pixel), got {kernel_size}")
         num_rings = kernel_size // 2 + 1 if num_rings is None else num_rings
         if not isinstance(num_rings, int) or not 1 <= num_rings <= kernel_size:
             raise ValueError(f"num_rings must be an int in [1, kernel_size={kernel_size}], got {num_rings!r}")
-        stride = _single_int("stride", stride)
-        dilation = _single_int("dilation", dilation)
+        stride = single_int("stride", stride)
+        dilation = single_int("dilation", dilation)
         if stride < 1 or dilation < 1:
             raise ValueError(f"stride and dilation must be >= 1, got stride={stride}, dilation={dilation}")
         if not isinstance(groups, int) or groups < 1 or in_channels % groups or out_channels % groups:
@@ -201,7 +143,7 @@ class GMRConv(nn.Module):
                 raise ValueError(f"padding must be 'same', 'valid' or an int, got {padding!r}")
             pad = dilation * (kernel_size // 2) if padding == "same" else 0
         else:
-            pad = _single_int("padding", padding)
+            pad = single_int("padding", padding)
             if pad < 0:
                 raise ValueError(f"padding must be >= 0, got {pad}")
         for name, value, allowed in (
@@ -209,6 +151,7 @@ class GMRConv(nn.Module):
             ("sigma", sigma, SIGMA_MODES),
             ("profile", profile, PROFILES),
             ("impl", impl, IMPLS),
+            ("basis_norm", basis_norm, BASIS_NORMS),
         ):
             if value not in allowed:
                 raise ValueError(f"{name} must be one of {allowed}, got {value!r}")
@@ -217,7 +160,7 @@ class GMRConv(nn.Module):
         self.kernel_size, self.num_rings = kernel_size, num_rings
         self.stride, self.padding, self.dilation, self.groups = stride, padding, dilation, groups
         self.padding_mode, self.sigma, self.profile = padding_mode, sigma, profile
-        self.circular, self.impl = circular, impl
+        self.circular, self.impl, self.basis_norm = circular, impl, basis_norm
         self._pad = pad
 
         supersample = AREA_SUPERSAMPLE if profile == "area" else 1
@@ -289,6 +232,8 @@ class GMRConv(nn.Module):
             sig = self.sigmas()[..., None, None]  # (..., n, 1, 1)
             diff = self._radius.to(sig.dtype)[None] - self._mu.to(sig.dtype)[:, None, None]  # (n, S, P)
             basis = (torch.exp(-0.5 * (diff / sig).square()) * self._inside.to(sig.dtype)).mean(-2)
+        if self.basis_norm == "unit":  # (..., n, P): every ring image of unit energy
+            basis = basis / basis.square().sum(-1, keepdim=True).sqrt().clamp_min(1e-12)
         return basis.reshape(*basis.shape[:-1], *([k] * d))
 
     def kernel(self) -> Tensor:
@@ -328,7 +273,7 @@ class GMRConv(nn.Module):
             )
         pad = self._pad
         if self.padding_mode != "zeros" and pad > 0:
-            x = F.pad(x, _tuple_pad(pad, self.spatial_dims), mode=self.padding_mode)
+            x = F.pad(x, [pad, pad] * self.spatial_dims, mode=self.padding_mode)
             pad = 0
         impl = self.choose_impl(x)
         conv = CONV_FUNCTIONS[self.spatial_dims]
@@ -444,32 +389,10 @@ class GMRConv(nn.Module):
             f"kernel_size={self.kernel_size}, num_rings={self.num_rings}, sigma={self.sigma!r}, "
             f"profile={self.profile!r}, impl={self.impl!r}"
         )
-        if self.stride != 1:
-            s += f", stride={self.stride}"
-        if self.padding != "same":
-            s += f", padding={self.padding!r}"
-        if self.dilation != 1:
-            s += f", dilation={self.dilation}"
-        if self.groups != 1:
-            s += f", groups={self.groups}"
-        if self.bias is None:
-            s += ", bias=False"
-        if self.padding_mode != "zeros":
-            s += f", padding_mode={self.padding_mode!r}"
-        if not self.circular:
-            s += ", circular=False"
-        return s
-
-
-def _single_int(name: str, value) -> int:
-    """Accept an int, or a tuple of equal ints (the kernel is isotropic)."""
-    if isinstance(value, (tuple, list)):
-        if len(set(value)) != 1:
-            raise ValueError(f"{name} must be the same along every axis (GMR kernels are isotropic), got {value!r}")
-        value = value[0]
-    if isinstance(value, bool) or not isinstance(value, int):
-        raise ValueError(f"{name} must be an int, got {value!r}")
-    return value
+        defaults = {"stride": 1, "padding": "same", "dilation": 1, "groups": 1, "padding_mode": "zeros", "circular": True,
+                    "basis_norm": "none"}
+        s += "".join(f", {k}={getattr(self, k)!r}" for k, v in defaults.items() if getattr(self, k) != v)
+        return s + (", bias=False" if self.bias is None else "")
 
 
 class GMRConv1d(GMRConv):

@@ -1,0 +1,99 @@
+"""How well a network fits: GMR and dense twins fitted for the same steps on the same fixed crops.
+
+An underfitting layer shows here before any long training run: each variant of the nuclei
+U-Net (dense 3x3/5x5 convolutions, GMR with the paper's ring images, GMR with unit-energy ring
+images) is trained from the same seed on one fixed batch of real MoNuSeg crops with the
+training loss, and the final losses are compared (ratio GMR / dense: 1.0 means the GMR layer
+fits as well as a dense one). Run with ``gmrpath benchmark fit``.
+
+Example::
+
+    result = run_fit_benchmark("../shared/data/nuclei/monuseg2018", steps=100)
+    result["ratio_to_dense"]   # {"gmr": 1.9, "gmr_unit": ...}
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import torch
+
+from .common import device_name
+
+__all__ = ["VARIANTS", "fixed_nuclei_batch", "run_fit_benchmark"]
+
+VARIANTS = {
+    "dense": ("unet", {}),
+    "gmr": ("gmr_unet", {}),
+    "gmr_unit": ("gmr_unet", {"gmr_kwargs": {"basis_norm": "unit"}}),
+    "gmr_unit_channel": ("gmr_unet", {"gmr_kwargs": {"basis_norm": "unit", "sigma": "channel"}}),
+}
+
+
+def fixed_nuclei_batch(root: str | Path, crops: int = 4, crop_px: int = 64, mpp: float = 0.5, data_mpp: float = 0.25,
+                       seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``crops`` random crops (fixed by ``seed``) of real nuclei images with their training targets.
+
+    Shape:
+        returns ``(crops, 3, crop_px, crop_px)`` normalised images and ``(crops, 2, crop_px, crop_px)`` targets.
+    """
+    from training.config import DataConfig
+    from training.datasets import load_dataset
+    from training.protocol import MEAN, STD
+    from training.samples import model_targets
+
+    data = load_dataset(DataConfig(kind="nuclei", root=str(root), mpp=data_mpp, val_fraction=0.0), "segment", mpp, crop_px)
+    rng = np.random.default_rng(seed)
+    xs, ys = [], []
+    for i in range(crops):
+        s = data.train[int(rng.integers(len(data.train)))]
+        target = model_targets(s)
+        y0, x0 = (int(rng.integers(0, n - crop_px + 1)) for n in s.image.shape[:2])
+        img = s.image[y0: y0 + crop_px, x0: x0 + crop_px].astype(np.float32) / 255.0
+        xs.append((img - np.array(MEAN, np.float32)) / np.array(STD, np.float32))
+        ys.append(target[y0: y0 + crop_px, x0: x0 + crop_px])
+    to = lambda a: torch.from_numpy(np.stack(a)).permute(0, 3, 1, 2).contiguous().float()  # noqa: E731
+    return to(xs), to(ys)
+
+
+def run_fit_benchmark(root: str | Path, steps: int = 100, variants: Optional[list[str]] = None, base_channels: int = 16,
+                      kernel_sizes=(5, 5, 3, 3), lr: float = 2e-3, seed: int = 0, device: str = "auto",
+                      progress: Optional[Callable[[str], None]] = None) -> dict:
+    """Fit every variant on the same batch; final loss = mean of the last 10 steps."""
+    from gmr_models import create_model
+    from pipeline.runtime import resolve_device
+    from training.loop import segment_loss
+
+    dev = resolve_device(device)
+    names = variants or list(VARIANTS)
+    unknown = [n for n in names if n not in VARIANTS]
+    if unknown:
+        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
+    x, y = (t.to(dev) for t in fixed_nuclei_batch(root, seed=seed))
+    result = {"device": device_name(dev), "steps": steps, "lr": lr, "batch": list(x.shape), "base_channels": base_channels,
+              "kernel_sizes": list(kernel_sizes), "curves": {}, "final_loss": {}, "params": {}, "seconds": {}}
+    for name in names:
+        arch, extra = VARIANTS[name]
+        torch.manual_seed(seed)
+        net = create_model(arch, spatial_dims=2, in_channels=3, out_channels=2, base_channels=base_channels,
+                           kernel_sizes=list(kernel_sizes), **extra).to(dev).train()
+        opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
+        curve, t0 = [], time.perf_counter()
+        for _ in range(steps):
+            loss = segment_loss(net(x).float(), y)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            curve.append(round(float(loss.detach()), 5))
+        result["curves"][name] = curve
+        result["final_loss"][name] = float(np.mean(curve[-10:]))
+        result["params"][name] = sum(p.numel() for p in net.parameters())
+        result["seconds"][name] = round(time.perf_counter() - t0, 1)
+        if progress is not None:
+            progress(f"fitted {name}: final loss {result['final_loss'][name]:.4f}")
+    if "dense" in result["final_loss"]:
+        result["ratio_to_dense"] = {n: round(v / result["final_loss"]["dense"], 3) for n, v in result["final_loss"].items()}
+    return result

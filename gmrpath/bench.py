@@ -1,0 +1,309 @@
+"""``gmrpath benchmark ...``: speed, memory and equivariance reports (never timed tests).
+
+Each command runs one function of :mod:`benchmarks`, prints a table and writes JSON.
+
+Example::
+
+    $ gmrpath benchmark conv --kernel-sizes 9 --repeats 5
+"""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .common import console, fail, ints
+from .slides import ConfigOpt
+
+__all__ = ["app"]
+
+app = typer.Typer(help="Speed, memory and equivariance benchmarks (reports, not tests).", no_args_is_help=True)
+DeviceOpt = typer.Option("auto", help="auto (CUDA if present), cpu, cuda or cuda:N.")
+
+
+def _repeats(default: int, what: str = "Timed rounds; the best is reported."):
+    return typer.Option(default, min=1, help=what)
+
+
+def _json_out(name: str):
+    return typer.Option(Path(f"results/{name}.json"), help="Where to write the JSON results.")
+
+
+@app.command("conv")
+def bench_conv(
+    kernel_sizes: str = typer.Option("3,5,7,9,11", help="Comma-separated odd kernel sizes."),
+    shape: str = typer.Option("2,128,64,64", help="Input shape N,C,H,W (N,C,L for 1D; N,C,D,H,W for 3D)."),
+    out_channels: int = typer.Option(128, help="Output channels."),
+    device: str = DeviceOpt,
+    repeats: int = _repeats(7, "Timed rounds per measurement; the best round is reported."),
+    memory: bool = typer.Option(True, help="Also record peak memory of forward+backward."),
+    out: Path = _json_out("benchmark_conv"),
+) -> None:
+    """Time GMRConv (dense, rings, auto) against torch's convolution of the same size."""
+    from benchmarks.common import write_json
+    from benchmarks.conv import run_conv_benchmark, summary_rows
+    from pipeline.runtime import resolve_device
+
+    dev = resolve_device(device)
+    ks = ints(kernel_sizes, "kernel-sizes")
+    with console.status("benchmarking") as status:
+        result = run_conv_benchmark(
+            ks, ints(shape, "shape"), out_channels, dev, repeats, memory,
+            progress=lambda k: status.update(f"benchmarking: k={k} done"),
+        )
+    result["summary"] = summary_rows(result)
+    for tag, title in (("fwd", "inference (no_grad, eval)"), ("train", "forward + backward (train)")):
+        table = Table(title=f"{title}: {result['shape']} -> {out_channels}, {result['device']}; speed-up over torch conv")
+        cols = ["gmr_auto", "gmr_rings", "gmr_dense", "gmr_conv_pkg"]
+        table.add_column("k", justify="right")
+        table.add_column("torch conv ms", justify="right")
+        for col in cols:
+            table.add_column(col, justify="right")
+        table.add_column("auto picks", justify="right")
+        table.add_column("auto / best GMR path", justify="right")
+        for s, row in zip(result["summary"], result["rows"]):
+            table.add_row(
+                str(s["k"]), f"{s[f'{tag}_conv_ms']:.1f}",
+                *(f"{s[f'{tag}_speedup_{c}']:.2f}x" if f"{tag}_speedup_{c}" in s else "-" for c in cols),
+                row["auto_choice_forward" if tag == "fwd" else "auto_choice_train"], f"{s[f'{tag}_auto_vs_best']:.2f}",
+            )
+        Console(width=160).print(table)
+    if memory:
+        mem = Table(title="peak memory of forward+backward (MiB)")
+        names = list(result["rows"][0]["train_peak_mb"])
+        mem.add_column("k", justify="right")
+        for n in names:
+            mem.add_column(n, justify="right")
+        for row in result["rows"]:
+            mem.add_row(str(row["k"]), *(f"{row['train_peak_mb'][n]:.0f}" for n in names))
+        Console(width=160).print(mem)
+    console.print(f"speed-up = torch conv time / candidate time; wrote {write_json(out, result)}")
+
+
+@app.command("impl")
+def bench_impl(
+    channels: str = typer.Option("16,32,64,128", help="Comma-separated input widths (each with itself and twice itself out)."),
+    sides: str = typer.Option("64,146,291,582", help="Comma-separated square input sides in pixels."),
+    device: str = DeviceOpt,
+    repeats: int = _repeats(3, "Timed rounds; the best is reported."),
+    out: Path = _json_out("benchmark_impl"),
+) -> None:
+    """Dense vs ring path of one GMRConv over a grid of layer shapes (inference): how often impl="auto" picks the faster."""
+    from benchmarks.common import write_json
+    from benchmarks.conv import impl_shapes, run_impl_benchmark
+    from pipeline.runtime import resolve_device
+
+    shapes = impl_shapes(channels=tuple(ints(channels, "channels")), sides=tuple(ints(sides, "sides")))
+    with console.status(f"benchmarking {len(shapes)} layer shapes"):
+        result = run_impl_benchmark(shapes, resolve_device(device), repeats)
+    table = Table(title=f"GMRConv inference, dense vs rings, {result['device']}")
+    for col in ("C_in->C_out", "k", "rings", "side px", "dense ms", "rings ms", "auto", "auto / best"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        cin, cout, k, n, side = r["shape"]
+        table.add_row(f"{cin}->{cout}", str(k), str(n), str(side), f"{r['dense_ms']:.1f}", f"{r['rings_ms']:.1f}", r["auto"],
+                      f"{r['auto_vs_best']:.2f}")
+    Console(width=160).print(table)
+    console.print(f"auto within 5% of the faster path for {result['within_5pct']} of {result['n']} shapes")
+    console.print(f"wrote {write_json(out, result)}")
+
+
+@app.command("network")
+def bench_network(
+    model: str = typer.Option("gmr_resnet18", help="Registered model name."),
+    shape: str = typer.Option("16,3,224,224", help="Input shape N,C,H,W (or N,C,D,H,W)."),
+    base_channels: int = typer.Option(32, help="base_channels of the model."),
+    model_kwargs: str = typer.Option("{}", help="More model arguments as a YAML/JSON mapping, e.g. "
+                                     "'{kernel_sizes: [5, 5, 3, 3], num_rings: [5, 5, 3, 3]}'."),
+    device: str = DeviceOpt,
+    repeats: int = _repeats(3, "Timed rounds; the best is reported."),
+    out: Path = _json_out("benchmark_network"),
+) -> None:
+    """Whole-network inference with every GMRConv on auto, rings or dense: checks impl="auto" on real layers."""
+    import yaml
+
+    from benchmarks.common import write_json
+    from benchmarks.conv import run_network_benchmark
+    from pipeline.runtime import resolve_device
+
+    try:
+        extra = yaml.safe_load(model_kwargs)
+    except yaml.YAMLError as err:
+        raise typer.BadParameter(f"--model-kwargs is not YAML: {err}") from None
+    if not isinstance(extra, dict) or "base_channels" in extra:
+        raise typer.BadParameter(f"--model-kwargs must be a mapping of model arguments other than base_channels, got {model_kwargs!r}")
+    with console.status("benchmarking"):
+        try:
+            result = run_network_benchmark(model, ints(shape, "shape"), resolve_device(device), repeats, base_channels=base_channels, **extra)
+        except (TypeError, ValueError) as err:
+            fail(ValueError(f"{model} with {extra}: {err}"))
+    table = Table(title=f"{model} (base {base_channels}) on {result['shape']}, {result['device']}")
+    for col in ("impl", "ms per batch", "vs auto"):
+        table.add_column(col, justify="right")
+    for impl, ms in result["ms"].items():
+        table.add_row(impl, f"{ms:.1f}", f"{ms / result['ms']['auto']:.2f}")
+    Console(width=160).print(table)
+    console.print("auto's choices: " + ", ".join(f"{k}: {v}" for k, v in result["auto_choices"].items()))
+    console.print(f"wrote {write_json(out, result)}")
+
+
+@app.command("equivariance")
+def bench_equivariance(
+    kernel_sizes: str = typer.Option("3,5,7,9,11", help="Comma-separated odd kernel sizes."),
+    step: int = typer.Option(5, min=1, max=90, help="Angle step in degrees (0..90)."),
+    seeds: int = typer.Option(3, min=1, help="Random weight draws averaged per point."),
+    out_dir: Path = typer.Option(Path("results"), help="Folder for benchmark_equivariance.json and .png."),
+) -> None:
+    """Rotation equivariance error (central disc) for angles 0..90 of GMR, hard-ring and dense kernels."""
+    from benchmarks.common import write_json
+    from benchmarks.equivariance import plot_equivariance, run_equivariance_benchmark
+
+    ks = ints(kernel_sizes, "kernel-sizes")
+    start = time.perf_counter()
+    with console.status("rotating") as status:
+        result = run_equivariance_benchmark(
+            ks, tuple(range(0, 91, step)), seeds=seeds, progress=lambda k: status.update(f"rotating: k={k} done")
+        )
+    table = Table(title="mean relative error over angles that are not multiples of 90 degrees")
+    table.add_column("variant")
+    for k in ks:
+        table.add_column(f"k={k}", justify="right")
+    for name, per_k in result["mean_off_grid"].items():
+        table.add_row(name, *(f"{per_k[k]:.4f}" for k in ks))
+    Console().print(table)
+    k_show = max(ks)
+    curve = Table(title=f"error against angle, k={k_show}")
+    curve.add_column("angle", justify="right")
+    for name in result["curves"]:
+        curve.add_column(name, justify="right")
+    for i, a in enumerate(result["angles"]):
+        curve.add_row(str(a), *(f"{result['curves'][n][k_show][i]:.4f}" for n in result["curves"]))
+    Console().print(curve)
+    json_path = write_json(out_dir / "benchmark_equivariance.json", result)
+    png_path = plot_equivariance(result, out_dir / "benchmark_equivariance.png")
+    console.print(f"wrote {json_path} and {png_path} in {time.perf_counter() - start:.0f} s")
+
+
+@app.command("pipeline")
+def bench_pipeline(
+    slide: Path = typer.Argument(Path("data/demo/CMU-1-Small-Region.svs"), help="The slide to measure on."),
+    config: Optional[Path] = ConfigOpt,
+    device: str = DeviceOpt,
+    repeats: int = _repeats(2, "Runs per rate; the best is reported."),
+    tiatoolbox: bool = typer.Option(True, help="Also run TIAToolbox's PatchPredictor with the same model."),
+    memory: bool = typer.Option(True, help="Peak memory on generated 1x, 4x, 16x mosaics of the slide's tissue."),
+    out: Path = _json_out("benchmark_pipeline"),
+) -> None:
+    """Tiles/s for reading alone, model alone and end to end; TIAToolbox for comparison; peak memory vs slide size."""
+    from benchmarks.common import write_json
+    from benchmarks.pipeline import run_pipeline_benchmark
+
+    with console.status("benchmarking the pipeline") as status:
+        result = run_pipeline_benchmark(slide, str(config) if config else None, device, repeats, tiatoolbox,
+                                        (1, 2, 4) if memory else (), progress=status.update)
+    table = Table(title=f"pipeline on {slide.name}: {result['tiles']} tiles, {result['model']}, {result['device']}")
+    table.add_column("measure")
+    table.add_column("value", justify="right")
+    for name, rate in result["tiles_per_s"].items():
+        table.add_row(f"{name} tiles/s", f"{rate:.2f}")
+    table.add_row("end to end / model alone", f"{result['end_to_end_vs_model']:.3f}")
+    if "tiatoolbox" in result:
+        table.add_row("TIAToolbox PatchPredictor patches/s", str(result["tiatoolbox"]["patches_per_s"]))
+        table.add_row("end to end / TIAToolbox", str(result.get("end_to_end_vs_tiatoolbox")))
+    for m in result.get("memory", []):
+        table.add_row(f"peak RSS, {m['area_x']}x area {m['dimensions_px']}", f"{m['peak_rss_mib']:.0f} MiB")
+    Console(width=160).print(table)
+    console.print(f"wrote {write_json(out, result)}")
+
+
+@app.command("segment")
+def bench_segment(
+    slide: Path = typer.Argument(Path("data/demo/CMU-1-Small-Region.svs"), help="The slide to measure on."),
+    model: list[str] = typer.Option([], "--model", "-m", help="Candidates (checkpoints or names); default: the nuclei preset's."),
+    device: str = DeviceOpt,
+    repeats: int = _repeats(2, "Forward passes per candidate; the best is reported."),
+    block_px: int = typer.Option(1024, min=64, help="Block side at the model's mpp."),
+    end_to_end: bool = typer.Option(True, help="Also time segment_slide on the whole slide."),
+    out: Path = _json_out("benchmark_segment"),
+) -> None:
+    """Nuclei segmentation: Mpx/s of the model alone per candidate, and the whole slide end to end."""
+    from benchmarks.common import write_json
+    from benchmarks.segment import run_segment_benchmark
+
+    try:
+        with console.status("benchmarking segmentation") as status:
+            result = run_segment_benchmark(slide, model or None, device, repeats, block_px, end_to_end, progress=status.update)
+    except ValueError as err:
+        fail(err)
+    table = Table(title=f"nuclei segmentation, {result['device']}, blocks of {block_px} px")
+    for col in ("model", "margin px", "ms per block", "Mpx/s"):
+        table.add_column(col)
+    for name, r in result["model_alone"].items():
+        table.add_row(name, str(r["margin_px"]), f"{r['block_ms']:.0f}", f"{r['megapixels_per_s']:.3f}")
+    Console(width=160).print(table)
+    if "end_to_end" in result:
+        e = result["end_to_end"]
+        console.print(f"segment_slide {slide.name} with {e['model']}: {e['wall_s']:.1f} s, {e['blocks']} blocks, "
+                      f"{e['megapixels_per_s']:.3f} Mpx/s, {e['nuclei']} nuclei")
+    console.print(f"wrote {write_json(out, result)}")
+
+
+@app.command("train")
+def bench_train(
+    device: str = DeviceOpt,
+    repeats: int = _repeats(3, "Interleaved rounds; the best is reported."),
+    workers: int = typer.Option(1, min=0, help="DataLoader workers for the loader-alone rate."),
+    memory: bool = typer.Option(True, help="Also measure peak memory of a step."),
+    out: Path = _json_out("benchmark_train"),
+) -> None:
+    """Training step images/s and peak memory, GMR vs ordinary convolutions, and the data loader alone."""
+    from benchmarks.common import write_json
+    from benchmarks.training import run_training_benchmark
+
+    with console.status("benchmarking training") as status:
+        result = run_training_benchmark(device, repeats, workers, memory, progress=status.update)
+    table = Table(title=f"training step, {result['device']}, best of {repeats}")
+    for col in ("task", "model", "images/s", "step ms", "peak MiB", "loader alone images/s"):
+        table.add_column(col)
+    for task, pair in result["pairs"].items():
+        for name, r in pair["models"].items():
+            if isinstance(r, dict):
+                table.add_row(task, name, f"{r['images_per_s']:.2f}", f"{r['step_ms']:.0f}", str(r.get("peak_memory_mib", "")),
+                              str(result["loader_images_per_s"][task]))
+    Console(width=160).print(table)
+    console.print(f"wrote {write_json(out, result)}")
+
+
+@app.command("fit")
+def bench_fit(
+    data: Path = typer.Option(Path("../shared/data/nuclei/monuseg2018"), help="Nuclei dataset (images/ + labels/) at 0.25 mpp."),
+    steps: int = typer.Option(100, min=10, help="Optimiser steps per variant."),
+    variants: str = typer.Option("dense,gmr,gmr_unit,gmr_unit_channel", help="Comma-separated variants (benchmarks.fit.VARIANTS)."),
+    device: str = DeviceOpt,
+    out: Path = _json_out("benchmark_fit"),
+) -> None:
+    """Fit GMR and dense U-Net twins on the same fixed nuclei crops: final loss and ratio GMR / dense."""
+    from benchmarks.common import write_json
+    from benchmarks.fit import run_fit_benchmark
+
+    if not data.is_dir():
+        fail(ValueError(f"{data}: dataset folder not found (give --data images/ + labels/)"))
+    try:
+        with console.status("fitting") as status:
+            result = run_fit_benchmark(data, steps, [v.strip() for v in variants.split(",") if v.strip()], device=device,
+                                       progress=status.update)
+    except ValueError as err:
+        fail(err)
+    table = Table(title=f"fit of one fixed batch {result['batch']}, {steps} AdamW steps, {result['device']}")
+    for col in ("variant", "parameters", "loss at 10%", "final loss", "/ dense", "s"):
+        table.add_column(col, justify="right")
+    for name, loss in result["final_loss"].items():
+        table.add_row(name, str(result["params"][name]), f"{result['curves'][name][steps // 10]:.4f}", f"{loss:.4f}",
+                      f"{result.get('ratio_to_dense', {}).get(name, float('nan')):.2f}", f"{result['seconds'][name]:.0f}")
+    Console(width=160).print(table)
+    console.print(f"wrote {write_json(out, result)}")

@@ -1,0 +1,71 @@
+"""What every ``gmrpath`` command shares: the stderr console, one-line errors, progress bars.
+
+Example::
+
+    from gmrpath.common import fail
+    fail(ValueError("slide.svs: records no resolution"))   # prints "error: ..." and exits 1
+"""
+
+from __future__ import annotations
+
+import time
+
+import typer
+from rich.console import Console
+
+__all__ = ["console", "fail", "progress_bar", "ints"]
+
+console = Console(stderr=True, soft_wrap=True)  # a message is one line, in a terminal or a log
+
+
+def ints(text: str, name: str) -> list[int]:
+    try:
+        return [int(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"{name} must be comma-separated integers, got {text!r}") from None
+
+
+
+def fail(err: Exception) -> None:
+    """Print ``error: <message>`` as exactly one line (never wrapped, in a terminal or a log) and exit 1."""
+    from rich.text import Text
+
+    message = " ".join(str(err).split())
+    console.print(Text.assemble(("error: ", "bold red"), message), soft_wrap=True, highlight=False)
+    raise typer.Exit(1)
+
+
+class LazyBar:
+    """A rich progress bar that appears at the first update, so a run that fails before doing
+    any work prints its error alone (no empty "0/? tiles" bar)."""
+
+    def __init__(self, label: str, unit: str):
+        self.label, self.unit, self.bar, self.task, self.start = label, unit, None, None, None
+
+    def __enter__(self) -> "LazyBar":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self.bar is not None:
+            self.bar.stop()
+
+    def __call__(self, done: int, total: int) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        if self.bar is None:
+            self.bar = Progress(
+                TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(), TextColumn(self.unit),
+                TextColumn("{task.fields[rate]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+                console=console, transient=False,
+            )
+            self.task = self.bar.add_task(self.label, total=total, rate="")
+            self.bar.start()
+            self.start = time.perf_counter()
+        elapsed = max(time.perf_counter() - self.start, 1e-9)
+        self.bar.update(self.task, completed=done, total=total, rate=f"{done / elapsed:6.1f} {self.unit}/s")
+
+
+def progress_bar(label: str, unit: str = "tiles"):
+    """A progress bar reporting units done / total and units/s; returns (context, callback)."""
+    bar = LazyBar(label, unit)
+    return bar, bar

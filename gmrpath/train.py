@@ -1,0 +1,163 @@
+"""The training commands: ``gmrpath train`` and ``gmrpath evaluate``, over :mod:`training`.
+
+Heavy imports happen inside the commands, so ``gmrpath --help`` stays quick. Under
+``torchrun`` launch the module: ``torchrun ... -m gmrpath train CONFIG``.
+
+Example:
+    $ gmrpath train configs/train_nuclei_gmr.yaml --resume
+    $ torchrun --nproc-per-node 2 -m gmrpath train configs/train_nuclei_gmr.yaml
+    $ gmrpath evaluate models/nuclei_gmr_unet.pt classical --data ../shared/data/nuclei/cpm15 \\
+          --mpp-csv ../shared/data/nuclei/cpm15/images.csv --out results/eval/cpm15
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import typer
+
+from .common import console, fail
+
+__all__ = ["app", "parse_sets"]
+
+app = typer.Typer()
+
+
+def parse_sets(items: list[str]) -> dict:
+    """``["epochs=3", "data.root=/x"]`` -> ``{"epochs": 3, "data": {"root": "/x"}}`` (values parsed as YAML)."""
+    import yaml
+
+    out: dict = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise typer.BadParameter(f"--set takes key=value (dotted keys for sections), got {item!r}")
+        node = out
+        *parents, leaf = key.split(".")
+        for p in parents:
+            node = node.setdefault(p, {})
+        node[leaf] = yaml.safe_load(value)
+    return out
+
+
+def _angles(text: Optional[str]) -> Optional[list[float]]:
+    if text is None:
+        return None
+    try:
+        if ":" in text:
+            start, stop, step = (float(v) for v in text.split(":"))
+            if step <= 0:
+                raise ValueError
+            return [float(a) for a in __import__("numpy").arange(start, stop, step)]
+        return [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise typer.BadParameter(f"--angles takes start:stop:step or a comma list of degrees, got {text!r}") from None
+
+
+@app.command("train")
+def train_cmd(
+    config: Path = typer.Argument(..., help="Training YAML (see configs/train_*.yaml)."),
+    resume: bool = typer.Option(False, "--resume", help="Continue from OUT/last.pt (same config)."),
+    set_: list[str] = typer.Option([], "--set", help="Override a key, e.g. --set epochs=5 --set data.root=/data (repeatable)."),
+    device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N. Default: the config's."),
+    skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or inconsistent files (listed) instead of stopping."),
+    cv: int = typer.Option(0, "--cv", min=0, help="k-fold cross-validation by whole image: train k models, report mean and sd."),
+) -> None:
+    """Train a network from a YAML config: metrics per epoch, best.pt (for predict/segment) and last.pt (for --resume)."""
+    from training.config import load_train_config
+
+    overrides = parse_sets(set_)
+    if device is not None:
+        overrides["device"] = device
+    try:
+        cfg = load_train_config(config, overrides)
+        if cv:
+            from training.crossval import cross_validate
+
+            result = cross_validate(cfg, cv, resume=resume, skip_bad=skip_bad, log=console.print)
+        else:
+            result = _train_with_progress(cfg, resume, skip_bad, console)
+    except ValueError as err:
+        fail(err)
+    typer.echo(json.dumps(result, indent=1))
+
+@app.command("evaluate")
+def evaluate_cmd(
+    models: list[str] = typer.Argument(..., help="Checkpoints (.pt) to compare; 'classical' = colour-deconvolution nuclei baseline."),
+    data: Path = typer.Option(..., "--data", help="Dataset: a nuclei folder (images/ + labels/), class folders, a CSV or an H5 folder."),
+    kind: Optional[str] = typer.Option(None, "--kind", help="nuclei, folder, csv or h5 (default: guessed from --data)."),
+    mpp: Optional[float] = typer.Option(None, "--mpp", help="The data's microns per pixel."),
+    mpp_csv: Optional[Path] = typer.Option(None, "--mpp-csv", help="Per-image mpp: CSV with image and mpp (or mpp_nominal) columns."),
+    split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="CSV image,split: with --split, score one side only."),
+    split: str = typer.Option("all", "--split", help="all, train or val."),
+    angles: Optional[str] = typer.Option(None, "--angles", help="Degrees: start:stop:step or a list (default 0:360:10 tiles, 0:360:30 nuclei)."),
+    out: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Folder for evaluation.json, .csv and polar.png."),
+    device: str = typer.Option("auto", "--device"),
+) -> None:
+    """Score models upright, rotated and flipped (the paper's protocol), side by side."""
+    from training.config import DataConfig
+    from training.evaluate import evaluate
+
+    if split not in ("all", "train", "val"):
+        raise typer.BadParameter(f"--split must be all, train or val, got {split!r}")
+    if kind is None:
+        kind = "csv" if data.suffix.lower() == ".csv" else "nuclei" if (data / "labels").is_dir() else \
+            "h5" if any(data.glob("*_x.h5")) else "folder"
+    if mpp is None and mpp_csv is None:
+        raise typer.BadParameter("give the data's resolution: --mpp (e.g. 0.25 for 40x) or --mpp-csv")
+    if not data.exists():
+        fail(ValueError(f"{data}: dataset not found"))
+    try:
+        cfg = DataConfig(kind=kind, root=str(data), mpp=mpp, mpp_csv=str(mpp_csv) if mpp_csv else None,
+                         split_csv=str(split_csv) if split_csv else None, val_fraction=0.0)
+        report = evaluate(models, cfg, out, angles=_angles(angles), split=split, device=device, log=console.print)
+    except ValueError as err:
+        fail(err)
+    _print_report(report, console)
+    console.print(f"wrote {out / 'evaluation.json'}, {out / 'evaluation.csv'} and {out / 'polar.png'}")
+
+
+def _train_with_progress(cfg, resume: bool, skip_bad: bool, console) -> dict:
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+    from training.loop import train
+
+    bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(cfg.epochs)), BarColumn(), MofNCompleteColumn(),
+                   TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
+    task = bar.add_task("train", total=None, epoch=0, loss="")
+
+    def progress(step: int, total: int, info: dict) -> None:
+        bar.update(task, completed=step, total=total, epoch=info["epoch"], loss=f"{info['loss']:.4f}")
+
+    log_path = Path(cfg.out) / "train.log"
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+
+    def log(line: str) -> None:
+        bar.console.print(line, soft_wrap=True)
+        with open(log_path, "a") as fh:
+            fh.write(line + "\n")
+
+    with bar:
+        return train(cfg, resume=resume, skip_bad=skip_bad, log=log, progress=progress)
+
+
+def _print_report(report: dict, console) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    metrics = ["dice", "aji", "pq"] if report["task"] == "segment" else ["accuracy", "balanced_accuracy"] + \
+        (["auc"] if any("auc_upright" in r for r in report["models"].values()) else [])
+    table = Table(title=f"{report['task']}: {report['data']} ({report['split']}, n={report['n']})")
+    table.add_column("model")
+    for m in metrics:
+        table.add_column(f"{m} upright")
+        table.add_column(f"{m} rotated mean ± sd (min)")
+    for name, r in report["models"].items():
+        cells = []
+        for m in metrics:
+            cells += [f"{r[f'{m}_upright']:.4f}",
+                      f"{r[f'{m}_rotated_mean']:.4f} ± {r[f'{m}_rotated_std']:.4f} ({r[f'{m}_rotated_min']:.4f})"]
+        table.add_row(str(Path(name).parent.name + "/" + Path(name).name) if name.endswith(".pt") else name, *cells)
+    Console(width=200, stderr=True).print(table)
