@@ -1,8 +1,8 @@
 """How well a network fits: GMR and dense twins fitted for the same steps on the same fixed crops.
 
 An underfitting layer shows here before any long training run: each variant of the nuclei
-U-Net (dense 3x3/5x5 convolutions, GMR with the paper's ring images, GMR with unit-energy ring
-images) is trained from the same seed on one fixed batch of real MoNuSeg crops with the
+U-Net (dense convolutions, GMR with the paper's ring images, with unit-energy ring images, with one
+ring per pixel radius, with an invariant-feature stem) is trained from the same seed on one fixed batch of real MoNuSeg crops with the
 training loss, and the final losses are compared (ratio GMR / dense: 1.0 means the GMR layer
 fits as well as a dense one). Run with ``gmrpath benchmark fit``.
 
@@ -30,6 +30,9 @@ VARIANTS = {
     "gmr": ("gmr_unet", {}),
     "gmr_unit": ("gmr_unet", {"gmr_kwargs": {"basis_norm": "unit"}}),
     "gmr_unit_channel": ("gmr_unet", {"gmr_kwargs": {"basis_norm": "unit", "sigma": "channel"}}),
+    "gmr_rings_k": ("gmr_unet", {"num_rings": [5, 5, 3, 3]}),
+    "gmr_invariant": ("gmr_unet", {"invariant_scales": [1.0, 2.0]}),
+    "gmr_invariant_rings_k": ("gmr_unet", {"invariant_scales": [1.0, 2.0], "num_rings": [5, 5, 3, 3], "gmr_kwargs": {"sigma": "channel"}}),
 }
 
 

@@ -16,6 +16,7 @@ Example:
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import torch
@@ -23,6 +24,7 @@ from torch import Tensor, nn
 
 from .blocks import ConvNormAct, check_kernel_sizes
 from .layers import layer_type
+from .layers.invariant import InvariantFeatures
 from .layers.factories import check_spatial_dims
 from .registry import register_model
 
@@ -54,6 +56,9 @@ class UNet(nn.Module):
             radial profile more freedom at no inference cost, the kernel is built once).
         gmr_kwargs: further :class:`~gmr_models.layers.GMRConv` arguments for every GMR layer,
             e.g. ``{"sigma": "channel"}``. Both are ignored by ``conv_type="conv"``.
+        invariant_scales: Gaussian scales (pixels) of an
+            :class:`~gmr_models.layers.invariant.InvariantFeatures` stem that adds rotation-invariant
+            gradient, Laplacian and Hessian-norm features of the input (``None``: no stem).
 
     Shape:
         ``(N, in_channels, *S) -> (N, out_channels, *S)`` with every side of ``S`` divisible
@@ -71,6 +76,7 @@ class UNet(nn.Module):
         norm: str = "batch",
         num_rings: Optional[Sequence[int]] = None,
         gmr_kwargs: Optional[dict] = None,
+        invariant_scales: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -95,7 +101,8 @@ class UNet(nn.Module):
         conv1x1 = layer_type("conv", spatial_dims)
         widths = [base_channels * 2**i for i in range(self.levels)]
         self.down = nn.ModuleList()
-        c_in = in_channels
+        self.stem = None if invariant_scales is None else InvariantFeatures(spatial_dims, in_channels, invariant_scales)
+        c_in = in_channels if self.stem is None else self.stem.out_channels
         for width, k, gmr in zip(widths, kernel_sizes, per_level):
             self.down.append(_DoubleConv(conv_type, spatial_dims, c_in, width, k, norm, gmr))
             c_in = width
@@ -117,7 +124,7 @@ class UNet(nn.Module):
         """How far (input pixels) an output pixel can see: every k x k conv at level ``l`` adds
         ``(k - 1) / 2 * 2**l``, every pooling and upsampling step ``2**l``. A region segmented with
         a margin this wide gives the same values in its interior as the whole image would."""
-        r = 0
+        r = 0 if self.stem is None else max(1, math.ceil(3 * max(self.stem.scales)))
         for level, k in enumerate(self.kernel_sizes):
             twice = 2 if level == self.levels - 1 else 4  # two convs down, two more up (not at the bottom)
             r += twice * (k - 1) // 2 * 2**level
@@ -133,6 +140,8 @@ class UNet(nn.Module):
                 f"got shape {tuple(x.shape)}"
             )
         skips = []
+        if self.stem is not None:
+            x = self.stem(x)
         for level, block in enumerate(self.down):
             x = block(x if level == 0 else self.pool(x))
             skips.append(x)

@@ -283,7 +283,7 @@ def bench_train(
 def bench_fit(
     data: Path = typer.Option(Path("../shared/data/nuclei/monuseg2018"), help="Nuclei dataset (images/ + labels/) at 0.25 mpp."),
     steps: int = typer.Option(100, min=10, help="Optimiser steps per variant."),
-    variants: str = typer.Option("dense,gmr,gmr_unit,gmr_unit_channel", help="Comma-separated variants (benchmarks.fit.VARIANTS)."),
+    variants: str = typer.Option("dense,gmr,gmr_unit,gmr_rings_k,gmr_invariant,gmr_invariant_rings_k", help="Comma-separated variants (benchmarks.fit.VARIANTS)."),
     device: str = DeviceOpt,
     out: Path = _json_out("benchmark_fit"),
 ) -> None:

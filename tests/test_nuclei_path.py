@@ -60,6 +60,10 @@ def test_evaluation_scores_what_segment_writes(crop_40x, tmp_path):
                                           mean=loaded.mean, std=loaded.std)
     assert native.shape == rgb.shape[:2] and valid.shape == rgb.shape[:2]
     assert _same_partition(native, labels_to_native(ref, rgb.shape[:2], 2.0))
+    # a quarter turn of a non-square image: the same objects, turned back onto the upright grid
+    turned, _ = evaluate_nuclei_image(loaded.module, sample, loaded.spec.mpp, torch.device("cpu"), post, angle=90,
+                                      mean=loaded.mean, std=loaded.std)
+    assert turned.shape == rgb.shape[:2] and _same_partition(turned, native)  # exact: the GMR U-Net is equivariant
 
 
 def test_blocks_beyond_the_image_edge_are_reflected_not_white():

@@ -69,7 +69,9 @@ def nuclei_block_maps(module, sample, model_mpp: float, device, angle: float = 0
 
 def _native_labels(blocks: list[tuple], post: PostProcess, module, sample, model_mpp: float, angle: float) -> np.ndarray:
     labels = labels_from_block_maps(blocks, post, margin_px(module))
-    native = labels_to_native(labels, sample.native_image.shape[:2], model_mpp / sample.native_mpp)
+    h, w = sample.native_image.shape[:2]
+    turned = (angle % 360) % 180 == 90  # a quarter turn swaps the sides; other angles keep the frame
+    native = labels_to_native(labels, (w, h) if turned else (h, w), model_mpp / sample.native_mpp)
     from skimage.segmentation import relabel_sequential
 
     native = relabel_sequential(native.astype(np.int64))[0].astype(np.int32)
