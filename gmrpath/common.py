@@ -43,6 +43,7 @@ class LazyBar:
         self.label, self.unit, self.bar, self.task, self.start = label, unit, None, None, None
 
     def __enter__(self) -> "LazyBar":
+        self.start = time.perf_counter()  # rates count from the start of the work, not from the first unit done
         return self
 
     def __exit__(self, *exc) -> None:
@@ -60,7 +61,7 @@ class LazyBar:
             )
             self.task = self.bar.add_task(self.label, total=total, rate="")
             self.bar.start()
-            self.start = time.perf_counter()
+            self.start = self.start or time.perf_counter()
         elapsed = max(time.perf_counter() - self.start, 1e-9)
         self.bar.update(self.task, completed=done, total=total, rate=f"{done / elapsed:6.1f} {self.unit}/s")
 

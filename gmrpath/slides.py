@@ -86,10 +86,10 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
     a config that leaves the task out gets the ``preset``."""
     import dataclasses
 
-    from pipeline.config import PRESETS, ModelSpec
+    from pipeline.config import preset_spec
 
     cfg = _pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
-    spec = getattr(cfg, task) or ModelSpec(**PRESETS[preset])
+    spec = getattr(cfg, task) or preset_spec(preset)
     if model is not None:
         spec = dataclasses.replace(spec, model=model)
     return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
@@ -108,6 +108,9 @@ def _run_slide_task(task: str, preset: str, slide: Path, out: Optional[Path], op
     except ValueError as err:
         _slide_failed(err, slide, out, task)
     _slide_done(slide, out, task)
+    if summary.get("settings_from_checkpoint"):
+        console.print(f"{slide.name}: took {'; '.join(summary['settings_from_checkpoint'])} from the checkpoint "
+                      f"(the {preset} preset's differ; set them in the config to insist)")
     return cfg, out, summary
 
 
@@ -152,7 +155,7 @@ def predict_cmd(
     cfg, out, summary = _run_slide_task("classify", "nct_crc", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=num_workers, tta=tta),
         lambda cfg, out, update: classify_slide(slide, cfg, out, progress=update))
-    Console().print_json(json.dumps({k: summary[k] for k in ("slide", "tiles", "tissue_area_mm2", "class_fraction", "tiles_per_s", "outputs")}))
+    Console().print_json(json.dumps({k: summary[k] for k in ("slide", "model", "trained", "tiles", "tissue_area_mm2", "class_fraction", "tiles_per_s", "outputs")}))
 
 
 @app.command("segment")

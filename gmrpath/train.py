@@ -13,6 +13,7 @@ Example:
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Optional
 
@@ -42,18 +43,32 @@ def parse_sets(items: list[str]) -> dict:
     return out
 
 
+MAX_ANGLES = 720
+
+
 def _angles(text: Optional[str]) -> Optional[list[float]]:
+    """``start:stop:step`` or ``a,b,c`` degrees -> a non-empty list of at most :data:`MAX_ANGLES` finite angles."""
+    import math
+
     if text is None:
         return None
+    bad = typer.BadParameter(f"--angles takes start:stop:step or a comma list of finite degrees, got {text!r}")
     try:
         if ":" in text:
             start, stop, step = (float(v) for v in text.split(":"))
-            if step <= 0:
-                raise ValueError
-            return [float(a) for a in __import__("numpy").arange(start, stop, step)]
-        return [float(v) for v in text.split(",") if v.strip()]
+            if not all(math.isfinite(v) for v in (start, stop, step)) or step <= 0:
+                raise bad
+            count = math.ceil((stop - start) / step)
+            if count > MAX_ANGLES:
+                raise typer.BadParameter(f"--angles {text!r} gives {count} angles; at most {MAX_ANGLES}")
+            angles = [start + i * step for i in range(max(count, 0))]
+        else:
+            angles = [float(v) for v in text.split(",") if v.strip()]
     except ValueError:
-        raise typer.BadParameter(f"--angles takes start:stop:step or a comma list of degrees, got {text!r}") from None
+        raise bad from None
+    if not angles or not all(math.isfinite(a) for a in angles) or len(angles) > MAX_ANGLES:
+        raise typer.BadParameter(f"--angles {text!r} gives no angle, a non-finite one, or more than {MAX_ANGLES}")
+    return angles
 
 
 @app.command("train")
@@ -81,7 +96,8 @@ def train_cmd(
             result = _train_with_progress(cfg, resume, skip_bad, console)
     except ValueError as err:
         fail(err)
-    typer.echo(json.dumps(result, indent=1))
+    if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's), not one per process
+        typer.echo(json.dumps(result, indent=1))
 
 @app.command("evaluate")
 def evaluate_cmd(
@@ -92,6 +108,9 @@ def evaluate_cmd(
     mpp_csv: Optional[Path] = typer.Option(None, "--mpp-csv", help="Per-image mpp: CSV with image and mpp (or mpp_nominal) columns."),
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="CSV image,split: with --split, score one side only."),
     split: str = typer.Option("all", "--split", help="all, train or val."),
+    images: list[str] = typer.Option([], "--images", help="Score only images whose names match (shell pattern, e.g. '*_03'; repeatable)."),
+    limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many images (the first by name)."),
+    labels_dir: str = typer.Option("labels", "--labels-dir", help="Nuclei: the masks' folder under --data (e.g. masks_annotator1)."),
     angles: Optional[str] = typer.Option(None, "--angles", help="Degrees: start:stop:step or a list (default 0:360:10 tiles, 0:360:30 nuclei)."),
     out: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Folder for evaluation.json, .csv and polar.png."),
     device: str = typer.Option("auto", "--device"),
@@ -103,16 +122,17 @@ def evaluate_cmd(
     if split not in ("all", "train", "val"):
         raise typer.BadParameter(f"--split must be all, train or val, got {split!r}")
     if kind is None:
-        kind = "csv" if data.suffix.lower() == ".csv" else "nuclei" if (data / "labels").is_dir() else \
+        kind = "csv" if data.suffix.lower() == ".csv" else "nuclei" if (data / labels_dir).is_dir() else \
             "h5" if any(data.glob("*_x.h5")) else "folder"
     if mpp is None and mpp_csv is None:
         raise typer.BadParameter("give the data's resolution: --mpp (e.g. 0.25 for 40x) or --mpp-csv")
     if not data.exists():
         fail(ValueError(f"{data}: dataset not found"))
     try:
-        cfg = DataConfig(kind=kind, root=str(data), mpp=mpp, mpp_csv=str(mpp_csv) if mpp_csv else None,
+        cfg = DataConfig(kind=kind, root=str(data), mpp=mpp, mpp_csv=str(mpp_csv) if mpp_csv else None, labels=labels_dir,
                          split_csv=str(split_csv) if split_csv else None, val_fraction=0.0)
-        report = evaluate(models, cfg, out, angles=_angles(angles), split=split, device=device, log=console.print)
+        report = evaluate(models, cfg, out, angles=_angles(angles), split=split, device=device, log=console.print,
+                          images=images or None, limit=limit)
     except ValueError as err:
         fail(err)
     _print_report(report, console)
@@ -131,16 +151,26 @@ def _train_with_progress(cfg, resume: bool, skip_bad: bool, console) -> dict:
     def progress(step: int, total: int, info: dict) -> None:
         bar.update(task, completed=step, total=total, epoch=info["epoch"], loss=f"{info['loss']:.4f}")
 
-    log_path = Path(cfg.out) / "train.log"
-    log_path.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(cfg.out)
+    fresh = not out.exists()
+    log_path = out / "train.log"
 
     def log(line: str) -> None:
         bar.console.print(line, soft_wrap=True)
+        out.mkdir(parents=True, exist_ok=True)
         with open(log_path, "a") as fh:
             fh.write(line + "\n")
 
-    with bar:
-        return train(cfg, resume=resume, skip_bad=skip_bad, log=log, progress=progress)
+    try:
+        with bar:
+            return train(cfg, resume=resume, skip_bad=skip_bad, log=log, progress=progress)
+    except ValueError:
+        # a run that failed before its first checkpoint leaves no folder behind (only its log was in it)
+        if fresh and out.is_dir() and not any(p.suffix == ".pt" for p in out.iterdir()):
+            import shutil
+
+            shutil.rmtree(out, ignore_errors=True)
+        raise
 
 
 def _print_report(report: dict, console) -> None:

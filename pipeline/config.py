@@ -64,6 +64,8 @@ class ModelSpec:
         overlap_px: segment: the least margin read around each block, pixels at ``mpp`` (the
             network's receptive radius is used when it is larger).
         seed: seed for the random initialisation of an untrained model (reproducible demo runs).
+        from_preset: the fields (of classes, tile_px, mpp) that came from a preset and were not set
+            by the user: a checkpoint's own values replace these (set internally, not in YAML).
     """
 
     task: str = "classify"
@@ -75,6 +77,7 @@ class ModelSpec:
     stride_px: Optional[int] = None
     overlap_px: int = 32
     seed: int = 0
+    from_preset: tuple = field(default=(), compare=False, repr=False)
 
     @property
     def step_px(self) -> int:
@@ -149,13 +152,26 @@ def _build(cls, data: Any, where: str, source: str):
     return obj
 
 
+ADOPTABLE = ("classes", "tile_px", "mpp")  # what a checkpoint knows better than a preset
+
+
+def preset_spec(preset: str, **fields) -> ModelSpec:
+    """The spec of ``preset`` with ``fields`` set; the preset's classes, tile_px and mpp that
+    ``fields`` leave alone may be replaced by a checkpoint's own (see ``from_preset``)."""
+    return ModelSpec(**{**PRESETS[preset], **fields}, from_preset=tuple(k for k in ADOPTABLE if k not in fields))
+
+
 def _model_spec(value: Any, where: str, source: str) -> ModelSpec:
-    if isinstance(value, dict) and "preset" in value:
-        preset = value["preset"]
+    if isinstance(value, dict) and "from_preset" in value:
+        raise ConfigError(f"{source}: unknown key 'from_preset' in {where}")
+    preset = value.get("preset") if isinstance(value, dict) else None
+    if preset is not None:
         if preset not in PRESETS:
             raise ConfigError(f"{source}: {where}.preset {preset!r} unknown; choose one of {sorted(PRESETS)}")
-        value = {**PRESETS[preset], **{k: v for k, v in value.items() if k != "preset"}}
-    return _build(ModelSpec, value, where, source)
+        own = {k: v for k, v in value.items() if k != "preset"}
+        value = {**PRESETS[preset], **own}
+    spec = _build(ModelSpec, value, where, source)
+    return dataclasses.replace(spec, from_preset=tuple(k for k in ADOPTABLE if k not in own)) if preset is not None else spec
 
 
 def _is_int(v) -> bool:
@@ -329,7 +345,11 @@ def config_from_dict(
 
 def config_to_dict(cfg: PipelineConfig) -> dict:
     """The plain mapping of a config (round-trips through :func:`config_from_dict`)."""
-    return dataclasses.asdict(cfg)
+    out = dataclasses.asdict(cfg)
+    for task in ("classify", "segment"):
+        if isinstance(out.get(task), dict):
+            out[task].pop("from_preset", None)
+    return out
 
 
 MAX_YAML_NODES = 100_000

@@ -29,6 +29,7 @@ from .outputs import atomic_path
 __all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "state_mismatch", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "gmrpath-checkpoint-v1"
+MAX_PARAMETERS = 500_000_000  # 2 GB of float32 weights: far above any network here, far below a machine's memory
 DEFAULT_MEAN = (0.5, 0.5, 0.5)
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
@@ -49,6 +50,7 @@ class LoadedModel:
     std: tuple
     spec: ModelSpec
     meta: dict = field(default_factory=dict)
+    adopted: list = field(default_factory=list)  # settings taken from the checkpoint instead of the preset
 
 
 def _state_checksum(module: nn.Module) -> str:
@@ -61,6 +63,23 @@ def _state_checksum(module: nn.Module) -> str:
 
 def _out_kwargs(spec: ModelSpec) -> dict:
     return {"out_channels": len(spec.classes)} if spec.task == "segment" else {"num_classes": len(spec.classes)}
+
+
+def _sized_model(name: str, kwargs: dict, where: str, state: dict | None = None) -> nn.Module:
+    """``create_model(name, **kwargs)``, after building it on the meta device (no memory) to refuse
+    a network of more than :data:`MAX_PARAMETERS` parameters, or one ``state`` does not fit,
+    before anything is allocated."""
+    with torch.device("meta"):
+        shell = create_model(name, **kwargs)
+    n = sum(p.numel() for p in shell.parameters())
+    if n > MAX_PARAMETERS:
+        raise ModelError(f"{where}: {name} with {kwargs} would have {n:,} parameters (limit {MAX_PARAMETERS:,}); "
+                         "check the model arguments")
+    if state is not None:
+        mismatch = state_mismatch(shell, state)
+        if mismatch:
+            raise ModelError(f"{where}: checkpoint does not fit model {name!r}: {mismatch}")
+    return create_model(name, **kwargs)
 
 
 def load_model(spec: ModelSpec, check: bool = True) -> LoadedModel:
@@ -78,7 +97,9 @@ def load_model(spec: ModelSpec, check: bool = True) -> LoadedModel:
         return _load_checkpoint(Path(spec.model), spec, check)
     torch.manual_seed(spec.seed)
     try:
-        module = create_model(spec.model, **{**_out_kwargs(spec), **spec.model_kwargs})
+        module = _sized_model(spec.model, {**_out_kwargs(spec), **spec.model_kwargs}, f"model {spec.model!r}")
+    except ModelError:
+        raise
     except (ValueError, TypeError) as err:
         raise ModelError(f"model {spec.model!r}: {err}") from None
     module.eval()
@@ -90,12 +111,13 @@ def _check_fits(path: Path, ckpt: dict, spec: ModelSpec) -> None:
     if task is not None and task != spec.task:
         raise ModelError(f"{path}: a {task} checkpoint cannot be used to {spec.task}")
     classes, mpp, tile_px = list(ckpt.get("classes", [])), float(ckpt.get("mpp", spec.mpp)), int(ckpt.get("tile_px", spec.tile_px))
+    mine = set(spec.from_preset)  # preset values the user did not set: the checkpoint's own win
     diffs = []
-    if classes and classes != list(spec.classes):
+    if classes and classes != list(spec.classes) and "classes" not in mine:
         diffs.append(f"classes {classes} (config: {list(spec.classes)})")
-    if abs(mpp - spec.mpp) > 1e-6 * spec.mpp:
+    if abs(mpp - spec.mpp) > 1e-6 * spec.mpp and "mpp" not in mine:
         diffs.append(f"mpp {mpp:g} (config: {spec.mpp:g})")
-    if spec.task == "classify" and tile_px != spec.tile_px:
+    if spec.task == "classify" and tile_px != spec.tile_px and "tile_px" not in mine:
         diffs.append(f"tile_px {tile_px} (config: {spec.tile_px})")
     if diffs:
         raise ModelError(f"{path}: the checkpoint was trained with {'; '.join(diffs)}: set the same in the config's "
@@ -121,8 +143,8 @@ def _check_metadata(path: Path, ckpt: dict) -> None:
     if not isinstance(ckpt.get("state_dict"), dict):
         bad("state_dict", "a mapping of tensors")
     tile = ckpt.get("tile_px", 1)
-    if isinstance(tile, bool) or not isinstance(tile, int) or tile < 1:
-        bad("tile_px", "a positive int")
+    if isinstance(tile, bool) or not isinstance(tile, int) or not 1 <= tile <= 65536:
+        bad("tile_px", "a positive int up to 65536 (classifiers: their tile; segmenters: the training crop)")
     mpp = ckpt.get("mpp", 1.0)
     if isinstance(mpp, bool) or not isinstance(mpp, (int, float)) or not math.isfinite(mpp) or mpp <= 0:
         bad("mpp", "a positive number")
@@ -162,28 +184,35 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
         raise ModelError(f"{path}: model checkpoint not found")
     try:
         ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError as err:  # torch's weights-only unpickler met a class or function
+    except pickle.UnpicklingError as err:
         import re
 
-        found = re.search(r"GLOBAL ([\w.]+)", str(err))
-        what = f" ({found.group(1)})" if found else ""
-        raise ModelError(f"{path}: refused: the file carries Python code or objects{what}, not only weights; "
-                         "GMR-Path never runs code from a checkpoint") from None
+        text = str(err)
+        found = re.search(r"GLOBAL ([\w.]+)", text)
+        if found or re.search(r"Unsupported (global|class)", text):  # the weights-only unpickler met a class or function
+            what = f" ({found.group(1)})" if found else ""
+            raise ModelError(f"{path}: refused: the file carries Python code or objects{what}, not only weights; "
+                             "GMR-Path never runs code from a checkpoint") from None
+        reason = text.split("WeightsUnpickler error:", 1)[-1]  # e.g. "Unsupported operand 123": bytes of another kind
+        raise ModelError(f"{path}: not a checkpoint (a pickle reader fails on it: {_first_line(reason)})") from None
     except Exception as err:  # noqa: BLE001 - corrupt or truncated files
-        raise ModelError(f"{path}: not a readable GMR-Path checkpoint ({type(err).__name__}: {_first_line(str(err))})") from None
+        raise ModelError(f"{path}: not a checkpoint, or a damaged one ({type(err).__name__}: {_first_line(str(err))})") from None
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a GMR-Path checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
     _check_metadata(path, ckpt)
     if check:
         _check_fits(path, ckpt, spec)
     classes = list(ckpt.get("classes", spec.classes))
+    bad = next((k for k, t in ckpt["state_dict"].items()
+                if isinstance(t, torch.Tensor) and t.is_floating_point() and not bool(torch.isfinite(t).all())), None)
+    if bad is not None:
+        raise ModelError(f"{path}: the weights hold NaN or infinite values (first: {bad}); the training that wrote them diverged")
     try:
-        module = create_model(ckpt["model"], **ckpt.get("model_kwargs", {}))
-    except (KeyError, ValueError, TypeError) as err:
+        module = _sized_model(ckpt["model"], ckpt.get("model_kwargs", {}), str(path), ckpt["state_dict"])
+    except ModelError:
+        raise
+    except (KeyError, ValueError, TypeError, RuntimeError) as err:
         raise ModelError(f"{path}: cannot build model {ckpt.get('model')!r}: {_first_line(str(err))}") from None
-    mismatch = state_mismatch(module, ckpt["state_dict"])
-    if mismatch:
-        raise ModelError(f"{path}: checkpoint does not fit model {ckpt['model']!r}: {mismatch}")
     module.load_state_dict(ckpt["state_dict"])
     multiple = invariance_multiple(module)
     tile = int(ckpt.get("tile_px", spec.tile_px))
@@ -191,6 +220,9 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
         raise ModelError(f"{path}: tile_px {tile} is not a multiple of {multiple}: {ckpt['model']} would lose its exact "
                          "invariance to 90-degree rotations and flips")
     module.eval()
+    adopted = [f"{k} {v}" for k, v, was in (("classes", classes, list(spec.classes)), ("tile_px", int(ckpt.get("tile_px", spec.tile_px)), spec.tile_px),
+                                            ("mpp", float(ckpt.get("mpp", spec.mpp)), spec.mpp))
+               if k in spec.from_preset and v != was]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
     spec = ModelSpec(
         task=spec.task, model=str(path), model_kwargs=dict(ckpt.get("model_kwargs", {})), classes=classes,
@@ -199,7 +231,7 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
     )
     return LoadedModel(
         module, ckpt["model"], digest, True, tuple(ckpt.get("mean", DEFAULT_MEAN)), tuple(ckpt.get("std", DEFAULT_STD)), spec,
-        dict(ckpt.get("meta", {})),
+        dict(ckpt.get("meta", {})), adopted,
     )
 
 

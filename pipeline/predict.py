@@ -125,6 +125,8 @@ def classify_slide(path: str | Path, cfg: PipelineConfig, out_dir: str | Path, d
         summary = _classify_outputs(slide, grid, mask, thumb, cfg, classes, loaded, paths, dev)
         summary["run_time_s"] = round(time.perf_counter() - start, 2)
         summary["tiles_per_s"] = tiles_per_s
+        if loaded.adopted:
+            summary["settings_from_checkpoint"] = loaded.adopted
         from .summary import write_summary
 
         write_summary(summary, paths["summary_json"])

@@ -132,6 +132,32 @@ def _metadata_mpp(props: dict) -> tuple[Optional[float], str]:
     return None, ""
 
 
+def _tiff_tag_mpp(path: Path) -> tuple[Optional[float], str]:
+    """The resolution a plain TIFF records (crops exported from QuPath or Fiji): ``XResolution`` with
+    ``ResolutionUnit`` inch or centimetre, or ImageJ's ``unit=micron`` with no unit tag."""
+    import tifffile
+
+    try:
+        with tifffile.TiffFile(path) as tif:
+            page = tif.pages[0]
+            tags = page.tags
+            if "XResolution" not in tags:
+                return None, ""
+            num, den = tags["XResolution"].value
+            px_per_unit = num / den if den else 0.0
+            unit = int(tags["ResolutionUnit"].value) if "ResolutionUnit" in tags else 1
+            description = str(tags["ImageDescription"].value) if "ImageDescription" in tags else ""
+    except Exception:  # noqa: BLE001 - not a TIFF tifffile reads: the readers below decide
+        return None, ""
+    if px_per_unit <= 0:
+        return None, ""
+    if unit in (2, 3):
+        return _plausible({2: 25400.0, 3: 10000.0}[unit] / px_per_unit), "tiff.XResolution (tifffile)"
+    if unit == 1 and any(f"unit={u}" in description for u in ("micron", "um", "\\u00B5m", "µm")):
+        return _plausible(1.0 / px_per_unit), "ImageJ unit=micron"
+    return None, ""
+
+
 def open_slide(path: str | os.PathLike, mpp: Optional[float] = None, mpp_csv: Optional[dict[str, float]] = None) -> Slide:
     """Open ``path`` with OpenSlide (TIAToolbox for what OpenSlide cannot read).
 
@@ -148,29 +174,49 @@ def open_slide(path: str | os.PathLike, mpp: Optional[float] = None, mpp_csv: Op
         raise SlideError(f"{path}: no such file")
     import openslide
 
+    table = mpp_csv or {}
+    fallback = table.get(slide_id(path), table.get(_stem(path)))
     try:
         handle = openslide.OpenSlide(str(path))
         props = dict(handle.properties)
         dims, downs, backend = handle.level_dimensions, handle.level_downsamples, "openslide"
         meta_mpp, source = _metadata_mpp(props)
     except (openslide.OpenSlideUnsupportedFormatError, openslide.OpenSlideError) as err:
+        tag_mpp, tag_source = _tiff_tag_mpp(path) if path.suffix.lower() in (".tif", ".tiff") else (None, "")
+        if tag_mpp is None and mpp is None and fallback is None and _plain_image(path):
+            _raise_no_mpp(path)  # before loading TIAToolbox (seconds): nothing it reads would give one
         handle, dims, downs, meta_mpp, source = _open_tiatoolbox(path, err)
+        if meta_mpp is None and tag_mpp is not None:
+            meta_mpp, source = tag_mpp, tag_source
         backend = "tiatoolbox"
-    table = mpp_csv or {}
-    fallback = table.get(slide_id(path), table.get(_stem(path)))
     if meta_mpp is None:
         if fallback is not None:
             meta_mpp, source = fallback, "mpp_csv"
         elif mpp is not None:
             meta_mpp, source = float(mpp), "default (--mpp)"
         else:
-            raise SlideError(
-                f"{path}: the file records no resolution (no openslide.mpp-x/y, no TIFF resolution tags); "
-                "give it with --mpp or a slide,mpp CSV (mpp_csv in the config)"
-            )
+            _raise_no_mpp(path)
     if not _plausible(meta_mpp):
         raise SlideError(f"{path}: mpp {meta_mpp} is outside the plausible range {MPP_RANGE}")
     return Slide(path, float(meta_mpp), source, tuple(map(tuple, dims)), tuple(downs), backend, handle)
+
+
+def _raise_no_mpp(path: Path) -> None:
+    raise SlideError(
+        f"{path}: the file records no resolution (no openslide.mpp-x/y, no TIFF resolution tags); "
+        "give it with --mpp or a slide,mpp CSV (mpp_csv in the config)"
+    )
+
+
+def _plain_image(path: Path) -> bool:
+    """A one-image file PIL reads (PNG, JPEG, a plain TIFF): TIAToolbox reads it without finding an mpp."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "n_frames", 1) == 1
+    except Exception:  # noqa: BLE001 - not an image PIL knows: leave it to the slide readers
+        return False
 
 
 def _drop_tiatoolbox_records(record: logging.LogRecord) -> bool:

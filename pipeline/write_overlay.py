@@ -22,10 +22,12 @@ from .outputs import atomic_path
 __all__ = ["class_colors", "write_overlay"]
 
 # Okabe & Ito (2008), "Color Universal Design", without its vermillion and reddish purple (lost on
-# eosin pink), then grey, white and a dark teal for more classes; yellow is kept for tumour
+# eosin pink), then grey, a dark brown and a dark teal for more classes (no white: invisible on the
+# slide's background and washes tissue out); yellow is kept for tumour. Every colour stays at least
+# 20 CIELAB units from white, eosin pink and haematoxylin purple (tested).
 _PALETTE = [
     (0, 114, 178), (230, 159, 0), (0, 158, 115), (86, 180, 233), (0, 0, 0),
-    (128, 128, 128), (255, 255, 255), (0, 70, 90), (240, 228, 66),
+    (128, 128, 128), (140, 70, 20), (0, 70, 90), (240, 228, 66),
 ]
 _TUMOUR = (240, 228, 66)
 _NICE_UM = (10, 20, 50, 100, 200, 500, 1000, 2000, 5000, 10000)

@@ -329,6 +329,27 @@ def test_weight_mismatch_is_one_line_and_a_pickle_is_refused_for_carrying_code(c
     assert "weights_only=False" not in str(info.value) and "weights_only" not in str(info.value)
 
 
+def test_nan_weights_huge_networks_and_text_files_are_refused_in_one_line(checkpoint, tmp_path):
+    from pipeline.models import ModelError
+
+    path, ckpt = checkpoint
+    state = dict(ckpt["state_dict"])
+    key = next(k for k, t in state.items() if t.is_floating_point())
+    state[key] = state[key].clone().fill_(float("nan"))
+    torch.save({**ckpt, "state_dict": state}, tmp_path / "nan.pt")
+    with pytest.raises(ModelError, match=f"NaN or infinite values \\(first: {key}\\)"):
+        _load(tmp_path / "nan.pt")
+    torch.save({**ckpt, "model_kwargs": {"num_classes": 9, "base_channels": 1_000_000}}, tmp_path / "huge.pt")
+    with pytest.raises(ModelError, match="parameters \\(limit") as info:
+        _load(tmp_path / "huge.pt")  # refused before a byte is allocated (built on the meta device)
+    assert "\n" not in str(info.value)
+    for text in ("these are my notes, not weights\n", "hello\n", "{}"):
+        (tmp_path / "notes.pt").write_text(text)
+        with pytest.raises(ModelError, match="not a checkpoint") as info:
+            _load(tmp_path / "notes.pt")
+        assert "Python code" not in str(info.value), text
+
+
 @pytest.mark.parametrize("tile_px", [100, 72, 50])
 def test_tile_sizes_that_break_exact_invariance_are_refused_at_load(tile_px):
     with pytest.raises(ConfigError, match="multiple of 16"):
@@ -349,3 +370,24 @@ def test_the_pipeline_freezes_its_model_and_training_unfreezes_it():
     assert convs and all(m.frozen for m in convs)
     loaded.module.train()
     assert not any(m.frozen for m in convs)
+
+
+def test_exported_strip_tiffs_give_their_resolution_from_the_tags(tmp_path):
+    """QuPath/Fiji crops: plain (strip) TIFFs OpenSlide refuses; their tags carry the resolution."""
+    import numpy as np
+    import tifffile
+
+    from pipeline.read import SlideError, open_slide, read_region
+
+    rgb = np.random.default_rng(0).integers(0, 255, (120, 160, 3), dtype=np.uint8)
+    tifffile.imwrite(tmp_path / "qupath.tif", rgb, photometric="rgb", resolution=(1 / 0.25e-4, 1 / 0.25e-4),
+                     resolutionunit="CENTIMETER")
+    slide = open_slide(tmp_path / "qupath.tif")
+    assert slide.mpp == pytest.approx(0.25) and "XResolution" in slide.mpp_source
+    assert np.array_equal(read_region(slide, (0, 0), (160, 120), 0.25), rgb)
+    tifffile.imwrite(tmp_path / "fiji.tif", rgb[..., 0], imagej=True, resolution=(2.0, 2.0), metadata={"unit": "micron"})
+    assert open_slide(tmp_path / "fiji.tif").mpp == pytest.approx(0.5)
+    tifffile.imwrite(tmp_path / "bare.tif", rgb, photometric="rgb")
+    with pytest.raises(SlideError, match="bare.tif: the file records no resolution"):
+        open_slide(tmp_path / "bare.tif")
+    assert open_slide(tmp_path / "bare.tif", mpp=0.3).mpp_source == "default (--mpp)"

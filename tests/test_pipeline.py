@@ -347,3 +347,40 @@ def test_tissue_mask_is_reused_only_for_the_same_settings(tmp_path):
     bigger = dataclasses.replace(cfg, tissue=dataclasses.replace(cfg.tissue, min_object_um2=50000.0))
     mask2, _ = tissue_stage(slide, bigger, cfg.out)
     assert png.stat().st_mtime_ns != stamp and mask2.sum() <= mask.sum()
+
+
+def test_predict_takes_classes_tile_and_mpp_from_a_fresh_checkpoint(tmp_path, tissue_rgb):
+    """train -> predict in one step: the preset's settings give way to the checkpoint's; a config that sets
+    them explicitly still has to agree."""
+    from gmr_models import create_model
+
+    slide = write_pyramidal_tiff(tmp_path / "s.tif", tissue_rgb[1000:1768, 600:1368], mpp=0.5, levels=1)
+    classes = ["a", "b", "c"]
+    net = create_model("gmr_resnet18", num_classes=3, base_channels=4)
+    ckpt = save_checkpoint(net, tmp_path / "run" / "best.pt", "gmr_resnet18", {"num_classes": 3, "base_channels": 4},
+                           classes, 96, 1.0)
+    result = CliRunner().invoke(app, ["predict", str(slide), "--model", str(ckpt), "--out", str(tmp_path / "out"),
+                                      "--device", "cpu", "--num-workers", "0"])
+    assert result.exit_code == 0, result.output
+    assert "took classes ['a', 'b', 'c']; tile_px 96; mpp 1.0 from the checkpoint" in result.output
+    summary = json.loads((tmp_path / "out" / "s" / "s.summary.json").read_text())
+    assert list(summary["class_fraction"]) == classes and summary["tile_px"] == 96 and summary["tile_mpp"] == 1.0
+    assert summary["trained"] is True and '"trained": true' in result.output  # the printed summary says it too
+    explicit = tmp_path / "explicit.yaml"
+    explicit.write_text(f"slides: {slide}\nclassify: {{preset: nct_crc, model: {ckpt}, tile_px: 224}}\n")
+    result = CliRunner().invoke(app, ["predict", str(slide), "--config", str(explicit), "--out", str(tmp_path / "o2")])
+    assert result.exit_code == 1 and "tile_px 96 (config: 224)" in result.output
+
+
+def test_every_class_colour_stays_visible_on_white_and_on_h_and_e():
+    from skimage.color import deltaE_cie76, rgb2lab
+
+    from pipeline.write_overlay import class_colors
+
+    backgrounds = {"white": (255, 255, 255), "eosin pink": (235, 160, 200), "haematoxylin purple": (110, 70, 160)}
+    lab = lambda c: rgb2lab(np.array([[c]], np.float64) / 255.0)[0, 0]  # noqa: E731
+    colours = class_colors([f"class{i}" for i in range(8)] + ["TUM"])
+    assert len(set(colours)) == 9
+    for c in colours:
+        for name, bg in backgrounds.items():
+            assert deltaE_cie76(lab(c), lab(bg)) >= 20, (c, name)

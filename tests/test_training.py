@@ -91,7 +91,7 @@ def write_cfg(tmp_path, **kw) -> Path:
 
 # --- config ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet"])
+@pytest.mark.parametrize("name", ["train_nuclei_gmr_stain", "train_nuclei_unet_stain", "train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet"])
 def test_shipped_training_configs_load(name):
     cfg = load_train_config(REPO / "configs" / f"{name}.yaml", check_paths=SHARED_DATA.is_dir())
     assert cfg.augment.geometric is False  # the paper's protocol: no rotation augmentation
@@ -147,8 +147,11 @@ def test_split_csv(tmp_path, nuclei_dir):
     csv.write_text("image,split\nimg0,val\nimg1,train\nimg2,train\nimg3,train\nimg4,val\n")
     data = load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, split_csv=str(csv)), "segment", 0.5, 32)
     assert sorted(s.name for s in data.val) == ["img0", "img4"]
-    csv.write_text("image,split\nimg0,val\n")
-    with pytest.raises(DataError, match="no split for 4 image"):
+    csv.write_text("image,split\nimg0,val\nimg2,train\n")  # a CSV may name a few images: the rest are unused
+    data = load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, split_csv=str(csv)), "segment", 0.5, 32)
+    assert [s.name for s in data.val] == ["img0"] and [s.name for s in data.train] == ["img2"]
+    csv.write_text("image,split\nother,val\n")
+    with pytest.raises(DataError, match="names none of the 5 image"):
         load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, split_csv=str(csv)), "segment", 0.5, 32)
 
 
@@ -373,7 +376,7 @@ def test_train_writes_checkpoints_the_pipeline_loads_and_resumes_exactly(tmp_pat
     assert loaded.trained and loaded.meta["task"] == "segment" and loaded.meta["dataset_digest"] == summary["digest"]
     assert loaded.spec.mpp == 0.5 and summary["postprocess"]["fg_threshold"] == loaded.meta["postprocess"]["fg_threshold"]
     tuning = loaded.meta["postprocess_tuning"]  # tuned on the run's own validation images
-    assert len(tuning) == 18 and max(r["val_aji"] for r in tuning) == summary["postprocess"]["val_aji"]
+    assert len(tuning) == 18 and max(r["val_aji"] for r in tuning) == summary["postprocess"]["val_aji_tuned"]
     assert sorted(loaded.meta["val_images"]) and not set(loaded.meta["val_images"]) & set(loaded.meta["train_images"])
     final = torch.load(out / "last.pt", weights_only=True)["model"]
     # a run killed after epoch 1 and resumed ends exactly where the uninterrupted one did
@@ -393,6 +396,10 @@ def test_train_writes_checkpoints_the_pipeline_loads_and_resumes_exactly(tmp_pat
     other = load_train_config(path, {"data": {"root": str(nuclei_dir)}, "out": str(tmp_path / "split"), "tile_px": 16})
     with pytest.raises(ValueError, match="different training config .*tile_px"):
         train(other, resume=True, log=lambda s: None)
+    last = tmp_path / "split" / "last.pt"
+    last.write_bytes(last.read_bytes()[:1000])  # a state cut short by a full disk or a kill mid-copy
+    with pytest.raises(ValueError, match="last.pt: cannot resume from it: not a readable training state"):
+        train(cfg1, resume=True, log=lambda s: None)
 
 
 def test_init_starts_a_run_from_a_checkpoint_and_refuses_one_that_does_not_fit(tmp_path, nuclei_dir):
@@ -445,6 +452,12 @@ def test_train_cli_bad_config_is_one_line(tmp_path):
     result = CliRunner().invoke(app, ["train", str(path), "--set", f"data.root={tmp_path}"])
     assert result.exit_code == 1
     assert "epochs must be a positive int" in result.output and "Traceback" not in result.output
+    (tmp_path / "empty" / "images").mkdir(parents=True)
+    (tmp_path / "empty" / "labels").mkdir()
+    result = CliRunner().invoke(app, ["train", str(write_cfg(tmp_path)), "--set", f"data.root={tmp_path / 'empty'}",
+                                      "--set", f"out={tmp_path / 'run_x'}"])
+    assert result.exit_code == 1 and "no images" in result.output
+    assert not (tmp_path / "run_x").exists()  # a run that could not start leaves no empty folder
 
 
 # --- evaluation ----------------------------------------------------------------------------------------------------
@@ -548,3 +561,68 @@ def test_pipeline_config_rejects_bad_values_at_load(override, key):
 
     with pytest.raises(ConfigError, match=rf"{key.replace('.', '[.]')} must be"):
         load_config(REPO / "configs" / "default.yaml", override)
+
+
+@pytest.mark.parametrize("bad", ["nan", "inf,0", "10:0:5", "", "0:360:1e-9", "0:inf:1", "a,b"])
+def test_evaluate_refuses_bad_angles_in_one_line(bad, tmp_path, nuclei_dir):
+    from typer.testing import CliRunner
+
+    from gmrpath.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "classical", "--data", str(nuclei_dir), "--mpp", "0.5", "--angles", bad,
+                                      "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 2 and "--angles" in result.output and "Traceback" not in result.output, result.output
+    assert not (tmp_path / "ev").exists()
+
+
+def test_evaluate_scores_only_the_images_asked_for(tmp_path, nuclei_dir):
+    from typer.testing import CliRunner
+
+    from gmrpath.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "classical", "--data", str(nuclei_dir), "--mpp", "0.5", "--angles", "0,90",
+                                      "--images", "img1", "--images", "img[34]", "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    assert report["n"] == 3 and "3/3 images" in result.output  # a progress line per image
+    result = CliRunner().invoke(app, ["evaluate", "classical", "--data", str(nuclei_dir), "--mpp", "0.5", "--angles", "0",
+                                      "--limit", "2", "--out", str(tmp_path / "ev2")])
+    assert result.exit_code == 0 and json.loads((tmp_path / "ev2" / "evaluation.json").read_text())["n"] == 2
+    result = CliRunner().invoke(app, ["evaluate", "classical", "--data", str(nuclei_dir), "--mpp", "0.5", "--images", "zzz*",
+                                      "--out", str(tmp_path / "ev3")])
+    assert result.exit_code == 1 and "no image to score" in result.output
+
+
+def test_no_selection_run_keeps_the_last_epoch_and_the_fixed_postprocessing(tmp_path, nuclei_dir):
+    from pipeline.instances import PostProcess
+    from training.loop import train
+
+    path = write_cfg(tmp_path, select="last", postprocess="fixed", separation_weight=1.0, val_angles=[],
+                     model_kwargs={**TINY_UNET, "invariant_scales": [1.0]},
+                     augment={"brightness_contrast": 0.5, "gamma": 0.5, "grayscale": 0.2, "hsv": 0.5})
+    lines = []
+    summary = train(load_train_config(path, {"data": {"root": str(nuclei_dir)}}), log=lines.append)
+    loaded = load_model(ModelSpec(task="segment", model=str(tmp_path / "run" / "best.pt"), classes=["nucleus"]))
+    assert summary["best_epoch"] == 2 and loaded.meta["epoch"] == 2  # the last epoch, whatever validation said
+    assert loaded.meta["postprocess"] == PostProcess().to_dict() and "postprocess_tuning" not in loaded.meta
+    assert not any("tuning" in line for line in lines) and "postprocess" not in summary
+    for bad in ({"select": "best"}, {"postprocess": "auto"}, {"separation_weight": -1}, {"augment": {"gamma": 2}}):
+        with pytest.raises(TrainConfigError):
+            load_train_config(write_cfg(tmp_path, **bad), {"data": {"root": str(nuclei_dir)}})
+
+
+def test_rgb_instance_masks_are_decoded_by_colour(tmp_path):
+    from PIL import Image
+
+    from training.datasets import read_mask
+
+    rgb = np.zeros((20, 20, 3), np.uint8)
+    rgb[2:6, 2:6] = (255, 0, 0)
+    rgb[2:6, 6:10] = (255, 1, 0)  # touching, one channel apart: still two nuclei
+    rgb[12:16, 12:16] = (7, 7, 200)
+    Image.fromarray(rgb).save(tmp_path / "m.png")
+    labels = read_mask(tmp_path / "m.png")
+    assert labels[0, 0] == 0 and len(np.unique(labels[labels > 0])) == 3 and labels[3, 3] != labels[3, 7]
+    grey = np.repeat((labels > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
+    Image.fromarray(grey).save(tmp_path / "g.png")
+    assert read_mask(tmp_path / "g.png").max() == 2  # binary stored as RGB: connected components

@@ -1,6 +1,6 @@
 """Augmentation from the YAML ``augment`` section, built with albumentations.
 
-Stain and colour (HED stain jitter or HSV), blur, noise and elastic deformation, each with
+Stain and colour (HED stain jitter, HSV, brightness/contrast, gamma, greyscale), blur, noise and elastic deformation, each with
 its own probability. Geometric augmentation (90-degree rotations, flips, free rotations) is
 off by default: a GMR network's robustness to rotation comes from its architecture, and the
 paper trains without it; switch it on for baselines. Every call is seeded, so a sample's
@@ -60,6 +60,12 @@ def build_augment(cfg: AugmentConfig) -> Optional[Augmenter]:
                            intensity_shift_range=(-s / 2, s / 2), augment_background=False, p=cfg.hed))
     if cfg.hsv:
         t.append(A.HueSaturationValue(hue_shift_limit=8, sat_shift_limit=15, val_shift_limit=10, p=cfg.hsv))
+    if cfg.brightness_contrast:
+        t.append(A.RandomBrightnessContrast(brightness_limit=0.2, contrast_limit=0.3, p=cfg.brightness_contrast))
+    if cfg.gamma:
+        t.append(A.RandomGamma(gamma_limit=(60, 160), p=cfg.gamma))
+    if cfg.grayscale:
+        t.append(A.ToGray(num_output_channels=3, p=cfg.grayscale))
     if cfg.blur:
         t.append(A.GaussianBlur(blur_limit=(3, 5), sigma_limit=(0.1, 1.0), p=cfg.blur))
     if cfg.noise:

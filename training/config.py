@@ -76,6 +76,9 @@ class AugmentConfig:
     hed: float = 0.5
     hed_strength: float = 0.2
     hsv: float = 0.0
+    brightness_contrast: float = 0.0
+    gamma: float = 0.0
+    grayscale: float = 0.0
     blur: float = 0.2
     noise: float = 0.2
     elastic: float = 0.0
@@ -106,7 +109,13 @@ class TrainConfig:
         seed: seeds the model, the crops and the augmentation: the same seed reproduces a run on one device.
         num_workers: DataLoader workers; ``amp``: autocast on CUDA; ``device``: auto, cpu, cuda, cuda:N.
         val_angles: rotations (degrees) at which validation is also scored each epoch.
-        select: the validation metric that picks ``best.pt`` (higher is better).
+        select: the validation metric that picks ``best.pt`` (higher is better), or ``last``: no
+            selection, ``best.pt`` is the last epoch (the validation images then choose nothing).
+        postprocess: ``tune`` (foreground threshold and marker height chosen on the validation
+            images at the end) or ``fixed`` (the defaults of :class:`~pipeline.instances.PostProcess`
+            for every model: one rule, chosen on no image).
+        separation_weight: weight of a second distance-map error averaged over the foreground
+            dilated by 2 px only (where touching nuclei are told apart); 0 leaves it out.
         init: optional checkpoint (a ``best.pt`` or a shipped ``.pt``) whose weights start the run
             instead of random ones (fine-tuning, timm's ``--initial-checkpoint``); it must fit
             ``model`` and ``model_kwargs``. ``--resume`` ignores it and continues ``last.pt``.
@@ -132,6 +141,8 @@ class TrainConfig:
     select: str = "val_aji"
     init: Optional[str] = None
     targets: str = "aligned"
+    postprocess: str = "tune"
+    separation_weight: float = 0.0
 
 
 _NESTED = {"data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
@@ -176,6 +187,12 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("model_kwargs", "a mapping", cfg.model_kwargs)
     if cfg.targets not in ("aligned", "nearest"):
         bad("targets", "'aligned' or 'nearest'", cfg.targets)
+    if cfg.postprocess not in ("tune", "fixed"):
+        bad("postprocess", "'tune' or 'fixed'", cfg.postprocess)
+    if not isinstance(cfg.select, str) or not (cfg.select == "last" or cfg.select.startswith("val_")):
+        bad("select", "'last' or a validation metric such as 'val_aji'", cfg.select)
+    if not _number(cfg.separation_weight, positive=False):
+        bad("separation_weight", "a number >= 0", cfg.separation_weight)
     if cfg.init is not None and (not isinstance(cfg.init, str) or not cfg.init):
         bad("init", "a checkpoint path", cfg.init)
     if not isinstance(cfg.val_angles, list) or not all(_number(a, positive=False) for a in cfg.val_angles):
@@ -196,7 +213,7 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     if isinstance(d.fold, bool) or not isinstance(d.fold, int) or not 0 <= d.fold < max(d.folds, 1):
         bad("data.fold", f"an int in [0, {max(d.folds, 1)})", d.fold)
     a = cfg.augment
-    for key in ("hed", "hsv", "blur", "noise", "elastic"):
+    for key in ("hed", "hsv", "brightness_contrast", "gamma", "grayscale", "blur", "noise", "elastic"):
         v = getattr(a, key)
         if not (_number(v, positive=False) and v <= 1):
             bad(f"augment.{key}", "a probability in [0, 1]", v)

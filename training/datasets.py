@@ -89,7 +89,8 @@ def read_image(path: Path) -> np.ndarray:
 
 
 def read_mask(path: Path) -> np.ndarray:
-    """An instance mask (0 background, 1..N); a 0/1 (or 0/255) mask becomes connected components."""
+    """An instance mask (0 background, 1..N); a 0/1 (or 0/255) mask becomes connected components,
+    and an RGB mask with one colour per nucleus (black background) one id per colour."""
     import tifffile
     from PIL import Image
     from scipy import ndimage
@@ -98,8 +99,19 @@ def read_mask(path: Path) -> np.ndarray:
         arr = np.asarray(tifffile.imread(path)) if path.suffix.lower() in (".tif", ".tiff") else np.asarray(Image.open(path))
     except Exception as err:  # noqa: BLE001
         raise DataError(f"{path}: cannot decode mask ({type(err).__name__}: {err})") from None
-    if arr.ndim == 3:
-        arr = arr[..., 0]
+    if arr.ndim == 3 and arr.shape[2] in (3, 4):
+        rgb = arr[..., :3]
+        if (rgb == rgb[..., :1]).all():  # grey stored as RGB
+            arr = rgb[..., 0]
+        else:  # one colour per nucleus (colour-coded instance masks): each distinct colour is one id, black is background
+            colours, ids = np.unique(rgb.reshape(-1, 3), axis=0, return_inverse=True)
+            black = np.flatnonzero((colours == 0).all(1))
+            ids = ids.reshape(rgb.shape[:2]) + 1
+            if black.size:
+                ids[ids == black[0] + 1] = 0
+            arr = ids.astype(np.int32)
+    elif arr.ndim == 3:
+        raise DataError(f"{path}: a mask with {arr.shape[2]} channels; expected one (ids) or RGB (one colour per nucleus)")
     if arr.ndim != 2 or not np.issubdtype(arr.dtype, np.integer) or arr.min() < 0:
         raise DataError(f"{path}: expected a 2D non-negative integer mask, got {arr.dtype} {arr.shape}")
     values = np.unique(arr)
@@ -159,7 +171,8 @@ def _image_mpp(cfg: DataConfig, table: dict, name: str, path: Path) -> float:
 def split_names(names: list[str], groups: dict[str, str], cfg: DataConfig) -> tuple[set, set]:
     """Train and validation names: whole images (or whole patient groups) on one side.
 
-    From ``cfg.split_csv`` (``image,split``) when given, else ``cfg.val_fraction`` of the
+    From ``cfg.split_csv`` (``image,split``) when given (images it does not name are left out of
+    both sides: a CSV may pick a few images), else ``cfg.val_fraction`` of the
     groups drawn with ``cfg.seed``.
     """
     if cfg.split_csv is not None:
@@ -169,10 +182,11 @@ def split_names(names: list[str], groups: dict[str, str], cfg: DataConfig) -> tu
                 if row.get("split") not in ("train", "val"):
                     raise DataError(f"{cfg.split_csv}: split must be 'train' or 'val', got {row.get('split')!r} for {row.get('image')!r}")
                 table[Path(row["image"]).stem] = row["split"]
-        missing = [n for n in names if n not in table]
-        if missing:
-            raise DataError(f"{cfg.split_csv}: no split for {len(missing)} image(s), first {missing[0]!r}")
-        val = {n for n in names if table[n] == "val"}
+        named = [n for n in names if n in table]  # images the CSV leaves out are used by neither side
+        if not named:
+            raise DataError(f"{cfg.split_csv}: names none of the {len(names)} image(s) in the dataset (first {names[0]!r})")
+        val = {n for n in named if table[n] == "val"}
+        return set(named) - val, val
     elif cfg.folds:
         uniq = sorted(set(groups[n] for n in names))
         random.Random(cfg.seed).shuffle(uniq)

@@ -71,7 +71,7 @@ def _classify(loaded, samples, angles, device, batch_size: int = 32) -> list[dic
     return rows
 
 
-def _segment(loaded, samples, angles, device) -> list[dict]:
+def _segment(loaded, samples, angles, device, log: Callable[[str], None] = print) -> list[dict]:
     from .classical import classical_nuclei
 
     post = PostProcess(**loaded.meta.get("postprocess", {})) if loaded is not None else None
@@ -88,7 +88,14 @@ def _segment(loaded, samples, angles, device) -> list[dict]:
             if angle == 0:
                 rows.append({"image": s.name, "view": "upright", "value": 0.0, **segmentation_scores(s.native_labels, labels)})
             rows.append({"image": s.name, "view": "angle", "value": angle, **segmentation_scores(s.native_labels, labels, valid)})
+        up = next(r for r in rows if r["image"] == s.name and r["view"] == "upright")
+        log(f"  {name_of(loaded)}: {sum(r['view'] == 'upright' for r in rows)}/{len(samples)} images, {s.name}: dice {up['dice']:.3f}")
     return rows
+
+
+def name_of(loaded) -> str:
+    """The label a model gets in progress lines: the checkpoint's file name, or ``classical``."""
+    return CLASSICAL if loaded is None else Path(str(loaded.spec.model)).name
 
 
 def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:
@@ -114,7 +121,7 @@ def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:
 
 def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task: Optional[str] = None,
              angles: Optional[Sequence[float]] = None, split: str = "all", device: str = "auto",
-             log: Callable[[str], None] = print) -> dict:
+             log: Callable[[str], None] = print, images: Optional[Sequence[str]] = None, limit: Optional[int] = None) -> dict:
     """Score checkpoints (and/or ``classical``) on a dataset, upright and rotated.
 
     Args:
@@ -123,6 +130,8 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
             ``train`` only that side of its split is scored, with ``all`` every image.
         out: folder for ``evaluation.json``, ``evaluation.csv`` and ``polar.png``.
         angles: degrees; default every 10 (classify) or 30 (segment) from 0 to 350.
+        images: score only the images whose names match one of these shell patterns (``*_03``).
+        limit: score at most this many images (the first, by name).
 
     Raises:
         ModelError: a checkpoint that cannot be read or does not fit the data.
@@ -145,9 +154,14 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
 
     data = load_dataset(dataclasses.replace(data_cfg, val_fraction=data_cfg.val_fraction if split != "all" else 0.0,
                                             split_csv=data_cfg.split_csv if split != "all" else None), task, mpp, tile_px)
-    samples = {"all": data.train + data.val, "train": data.train, "val": data.val}[split]
+    samples = sorted({"all": data.train + data.val, "train": data.train, "val": data.val}[split], key=lambda s: s.name)
+    if images:
+        import fnmatch
+
+        samples = [s for s in samples if any(fnmatch.fnmatchcase(s.name, p) or s.name == Path(p).stem for p in images)]
+    samples = samples[:limit] if limit else samples
     if not samples:
-        raise ValueError(f"{data_cfg.root}: the {split!r} split is empty")
+        raise ValueError(f"{data_cfg.root}: no image to score (split {split!r}" + (f", images {list(images)}" if images else "") + ")")
     if angles is None:
         angles = list(range(0, 360, 10 if task == "classify" else 30))
     metrics = ["accuracy", "balanced_accuracy"] + (["auc"] if task == "classify" and len(data.classes) == 2 else []) \
@@ -159,7 +173,7 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         log(f"evaluating {name} on {len(samples)} {'tiles' if task == 'classify' else 'images'}")
         if m is not None:
             prepare_model(m, dev)
-        rows = _classify(m, samples, angles, dev) if task == "classify" else _segment(m, samples, angles, dev)
+        rows = _classify(m, samples, angles, dev) if task == "classify" else _segment(m, samples, angles, dev, log)
         report["models"][name] = _summarise(rows, metrics)
         all_rows += [{"model": name, **r} for r in rows]
     out = Path(out)

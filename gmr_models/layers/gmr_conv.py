@@ -197,6 +197,8 @@ class GMRConv(nn.Module):
         so the built kernel has the variance torch's default gives a dense convolution of
         the same size (counting only the ``n`` ring weights would overstate it k^d/n-fold).
         """
+        if self.weight.is_meta:  # built on the meta device to size a network: nothing to draw
+            return
         with torch.no_grad():
             self.log_sigma.fill_(math.log(self.delta / FWHM_PER_SIGMA))
             energy = float(self.ring_basis().square().sum())

@@ -66,16 +66,17 @@ def ring_geometry(kernel_size: int, spatial_dims: int, num_rings: int, supersamp
         (torch.Size([1, 25]), [0.0, 1.25, 2.5], 1.25)
     """
     half = kernel_size // 2
-    centres = torch.arange(-half, half + 1, dtype=torch.float64)
+    cpu = torch.device("cpu")  # geometry is exact host arithmetic, whatever the default device (meta included)
+    centres = torch.arange(-half, half + 1, dtype=torch.float64, device=cpu)
     grid = torch.stack(torch.meshgrid(*([centres] * spatial_dims), indexing="ij"), dim=-1)
     grid = grid.reshape(-1, spatial_dims)  # (P, d)
-    sub = (torch.arange(supersample, dtype=torch.float64) + 0.5) / supersample - 0.5
-    offsets = torch.tensor(list(itertools.product(sub.tolist(), repeat=spatial_dims)), dtype=torch.float64)
+    sub = (torch.arange(supersample, dtype=torch.float64, device=cpu) + 0.5) / supersample - 0.5
+    offsets = torch.tensor(list(itertools.product(sub.tolist(), repeat=spatial_dims)), dtype=torch.float64, device=cpu)
     radius = (grid[None] + offsets[:, None]).square().sum(-1).sqrt()  # (S, P)
     centre_r = grid.square().sum(-1).sqrt()
-    edges = torch.linspace(0.0, kernel_size / 2.0, num_rings + 1, dtype=torch.float64)
+    edges = torch.linspace(0.0, kernel_size / 2.0, num_rings + 1, dtype=torch.float64, device=cpu)
     index = torch.bucketize(centre_r, edges[1:], right=True)
     index[index >= num_rings] = -1
     delta = kernel_size / (2.0 * (num_rings - 1)) if num_rings > 1 else kernel_size / 2.0
-    mu = torch.arange(num_rings, dtype=torch.float64) * delta
+    mu = torch.arange(num_rings, dtype=torch.float64, device=cpu) * delta
     return radius, index, mu, delta
