@@ -23,7 +23,7 @@ import torch
 
 from .common import device_name
 
-__all__ = ["VARIANTS", "fixed_nuclei_batch", "run_fit_benchmark"]
+__all__ = ["VARIANTS", "TILE_VARIANTS", "fixed_nuclei_batch", "fixed_tile_batch", "run_fit_benchmark"]
 
 VARIANTS = {
     "dense": ("unet", {}),
@@ -34,6 +34,33 @@ VARIANTS = {
     "gmr_invariant": ("gmr_unet", {"invariant_scales": [1.0, 2.0]}),
     "gmr_invariant_rings_k": ("gmr_unet", {"invariant_scales": [1.0, 2.0], "num_rings": [5, 5, 3, 3], "gmr_kwargs": {"sigma": "channel"}}),
 }
+
+
+TILE_VARIANTS = {
+    "dense": ("resnet18", {}),
+    "gmr": ("gmr_resnet18", {}),
+}
+
+
+def fixed_tile_batch(root: str | Path, tiles: int = 16, tile_px: int = 96, mpp: float = 1.0, data_mpp: float = 0.33,
+                     seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``tiles`` labelled tissue tiles (fixed by ``seed``, every class in turn), resampled to ``mpp``.
+
+    Shape:
+        returns ``(tiles, 3, tile_px, tile_px)`` normalised images and ``(tiles,)`` class ids.
+    """
+    from training.config import DataConfig
+    from training.datasets import load_dataset
+    from training.protocol import MEAN, STD
+
+    data = load_dataset(DataConfig(kind="folder", root=str(root), mpp=data_mpp, val_fraction=0.0), "classify", mpp, tile_px)
+    rng = np.random.default_rng(seed)
+    by_class: dict[int, list] = {}
+    for s in data.train:
+        by_class.setdefault(s.label, []).append(s)
+    picks = [by_class[c][int(rng.integers(len(by_class[c])))] for c in (sorted(by_class) * tiles)[:tiles]]
+    x = np.stack([(s.image.astype(np.float32) / 255.0 - np.array(MEAN, np.float32)) / np.array(STD, np.float32) for s in picks])
+    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor([s.label for s in picks])
 
 
 def fixed_nuclei_batch(root: str | Path, crops: int = 4, crop_px: int = 64, mpp: float = 0.5, data_mpp: float = 0.25,
@@ -64,29 +91,46 @@ def fixed_nuclei_batch(root: str | Path, crops: int = 4, crop_px: int = 64, mpp:
 
 def run_fit_benchmark(root: str | Path, steps: int = 100, variants: Optional[list[str]] = None, base_channels: int = 16,
                       kernel_sizes=(5, 5, 3, 3), lr: float = 2e-3, seed: int = 0, device: str = "auto",
-                      progress: Optional[Callable[[str], None]] = None) -> dict:
-    """Fit every variant on the same batch; final loss = mean of the last 10 steps."""
+                      progress: Optional[Callable[[str], None]] = None, task: str = "nuclei") -> dict:
+    """Fit every variant on the same batch; final loss = mean of the last 10 steps.
+
+    Args:
+        task: ``nuclei`` (U-Nets on MoNuSeg-style crops) or ``tiles`` (ResNet-18s on class-folder tiles).
+    """
+    if task not in ("nuclei", "tiles"):
+        raise ValueError(f"task must be nuclei or tiles, got {task!r}")
     from gmr_models import create_model
     from pipeline.runtime import resolve_device
     from training.loop import segment_loss
 
     dev = resolve_device(device)
-    names = variants or list(VARIANTS)
-    unknown = [n for n in names if n not in VARIANTS]
+    table = VARIANTS if task == "nuclei" else TILE_VARIANTS
+    names = variants or list(table)
+    unknown = [n for n in names if n not in table]
     if unknown:
-        raise ValueError(f"unknown variant(s) {unknown}; choose from {list(VARIANTS)}")
-    x, y = (t.to(dev) for t in fixed_nuclei_batch(root, seed=seed))
-    result = {"device": device_name(dev), "steps": steps, "lr": lr, "batch": list(x.shape), "base_channels": base_channels,
-              "kernel_sizes": list(kernel_sizes), "curves": {}, "final_loss": {}, "params": {}, "seconds": {}}
+        raise ValueError(f"unknown variant(s) {unknown} for {task}; choose from {list(table)}")
+    if task == "nuclei":
+        x, y = (t.to(dev) for t in fixed_nuclei_batch(root, seed=seed))
+        n_classes, loss_fn = 2, segment_loss
+    else:
+        x, y = (t.to(dev) for t in fixed_tile_batch(root, seed=seed))
+        n_classes, loss_fn = int(y.max()) + 1, torch.nn.functional.cross_entropy
+    result = {"task": task, "device": device_name(dev), "steps": steps, "lr": lr, "batch": list(x.shape),
+              "base_channels": base_channels, "kernel_sizes": list(kernel_sizes), "curves": {}, "final_loss": {}, "params": {},
+              "seconds": {}}
     for name in names:
-        arch, extra = VARIANTS[name]
+        arch, extra = table[name]
         torch.manual_seed(seed)
-        net = create_model(arch, spatial_dims=2, in_channels=3, out_channels=2, base_channels=base_channels,
-                           kernel_sizes=list(kernel_sizes), **extra).to(dev).train()
+        if task == "nuclei":
+            net = create_model(arch, spatial_dims=2, in_channels=3, out_channels=n_classes, base_channels=base_channels,
+                               kernel_sizes=list(kernel_sizes), **extra).to(dev).train()
+        else:
+            net = create_model(arch, spatial_dims=2, in_channels=3, num_classes=n_classes, base_channels=base_channels,
+                               kernel_sizes=list(kernel_sizes), **extra).to(dev).train()
         opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
         curve, t0 = [], time.perf_counter()
         for _ in range(steps):
-            loss = segment_loss(net(x).float(), y)
+            loss = loss_fn(net(x).float(), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

@@ -281,23 +281,30 @@ def bench_train(
 
 @app.command("fit")
 def bench_fit(
-    data: Path = typer.Option(Path("../shared/data/nuclei/monuseg2018"), help="Nuclei dataset (images/ + labels/) at 0.25 mpp."),
+    data: Optional[Path] = typer.Option(None, help="Dataset: nuclei images/ + labels/ at 0.25 mpp (default "
+                                        "../shared/data/nuclei/monuseg2018), or class folders at 0.33 mpp for --task tiles "
+                                        "(default the Kather 2016 samples)."),
+    task: str = typer.Option("nuclei", help="nuclei (U-Nets) or tiles (ResNet-18s)."),
     steps: int = typer.Option(100, min=10, help="Optimiser steps per variant."),
-    variants: str = typer.Option("dense,gmr,gmr_unit,gmr_rings_k,gmr_invariant,gmr_invariant_rings_k", help="Comma-separated variants (benchmarks.fit.VARIANTS)."),
+    variants: str = typer.Option("", help="Comma-separated variants (benchmarks.fit.VARIANTS / TILE_VARIANTS); default all."),
     device: str = DeviceOpt,
     out: Path = _json_out("benchmark_fit"),
 ) -> None:
-    """Fit GMR and dense U-Net twins on the same fixed nuclei crops: final loss and ratio GMR / dense."""
+    """Fit GMR and dense twins on the same fixed batch (nuclei crops or tissue tiles): final loss and ratio GMR / dense."""
     from benchmarks.common import write_json
     from benchmarks.fit import run_fit_benchmark
 
+    if data is None:
+        data = Path("../shared/data/nuclei/monuseg2018" if task == "nuclei" else
+                    "../shared/data/tiles/kather2016-224px-samples/samples")
     if not data.is_dir():
-        fail(ValueError(f"{data}: dataset folder not found (give --data images/ + labels/)"))
+        fail(ValueError(f"{data}: dataset folder not found (give --data)"))
     try:
         with console.status("fitting") as status:
-            result = run_fit_benchmark(data, steps, [v.strip() for v in variants.split(",") if v.strip()], device=device,
-                                       progress=status.update)
-    except ValueError as err:
+            result = run_fit_benchmark(data, steps, [v.strip() for v in variants.split(",") if v.strip()] or None,
+                                       device=device, progress=status.update, task=task, base_channels=16 if task == "nuclei" else 8,
+                                       kernel_sizes=(5, 5, 3, 3) if task == "nuclei" else (9, 9, 5, 5))
+    except (ValueError, TypeError) as err:
         fail(err)
     table = Table(title=f"fit of one fixed batch {result['batch']}, {steps} AdamW steps, {result['device']}")
     for col in ("variant", "parameters", "loss at 10%", "final loss", "/ dense", "s"):

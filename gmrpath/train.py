@@ -111,6 +111,8 @@ def evaluate_cmd(
     images: list[str] = typer.Option([], "--images", help="Score only images whose names match (shell pattern, e.g. '*_03'; repeatable)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many images (the first by name)."),
     labels_dir: str = typer.Option("labels", "--labels-dir", help="Nuclei: the masks' folder under --data (e.g. masks_annotator1)."),
+    semantic: bool = typer.Option(False, "--semantic", help="Nuclei: score the foreground map (pixel AUC, IoU, Dice; binary masks) "
+                                  "instead of instances."),
     angles: Optional[str] = typer.Option(None, "--angles", help="Degrees: start:stop:step or a list (default 0:360:10 tiles, 0:360:30 nuclei)."),
     out: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Folder for evaluation.json, .csv and polar.png."),
     device: str = typer.Option("auto", "--device"),
@@ -131,8 +133,8 @@ def evaluate_cmd(
     try:
         cfg = DataConfig(kind=kind, root=str(data), mpp=mpp, mpp_csv=str(mpp_csv) if mpp_csv else None, labels=labels_dir,
                          split_csv=str(split_csv) if split_csv else None, val_fraction=0.0)
-        report = evaluate(models, cfg, out, angles=_angles(angles), split=split, device=device, log=console.print,
-                          images=images or None, limit=limit)
+        report = evaluate(models, cfg, out, task="semantic" if semantic else None, angles=_angles(angles), split=split,
+                          device=device, log=console.print, images=images or None, limit=limit)
     except ValueError as err:
         fail(err)
     _print_report(report, console)
@@ -177,8 +179,8 @@ def _print_report(report: dict, console) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    metrics = ["dice", "aji", "pq"] if report["task"] == "segment" else ["accuracy", "balanced_accuracy"] + \
-        (["auc"] if any("auc_upright" in r for r in report["models"].values()) else [])
+    metrics = {"segment": ["dice", "aji", "pq"], "semantic": ["auc", "iou", "dice"]}.get(report["task"]) or \
+        ["accuracy", "balanced_accuracy"] + (["auc"] if any("auc_upright" in r for r in report["models"].values()) else [])
     table = Table(title=f"{report['task']}: {report['data']} ({report['split']}, n={report['n']})")
     table.add_column("model")
     for m in metrics:

@@ -96,3 +96,20 @@ def test_benchmark_fit_reports_a_ratio_per_variant(tmp_path):
     bad = CliRunner().invoke(app, ["benchmark", "fit", "--data", str(tmp_path / "nuclei"), "--variants", "nope",
                                    "--device", "cpu", "--out", str(tmp_path / "x.json")])
     assert bad.exit_code == 1 and "unknown variant" in bad.output and not (tmp_path / "x.json").exists()
+
+
+def test_benchmark_fit_on_tiles_compares_resnet_twins(tmp_path):
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(0)
+    for k, cls in enumerate(("A", "B")):
+        (tmp_path / "tiles" / cls).mkdir(parents=True)
+        for i in range(3):
+            tile = np.clip(rng.normal(80 + 100 * k, 30, (64, 64, 3)), 0, 255).astype(np.uint8)
+            Image.fromarray(tile).save(tmp_path / "tiles" / cls / f"{i}.png")
+    result = CliRunner().invoke(app, ["benchmark", "fit", "--task", "tiles", "--data", str(tmp_path / "tiles"), "--steps", "10",
+                                      "--variants", "dense,gmr", "--device", "cpu", "--out", str(tmp_path / "fit.json")])
+    assert result.exit_code == 0, result.output
+    data = json.loads((tmp_path / "fit.json").read_text())
+    assert data["task"] == "tiles" and data["batch"][0] == 16 and set(data["ratio_to_dense"]) == {"dense", "gmr"}

@@ -384,3 +384,16 @@ def test_every_class_colour_stays_visible_on_white_and_on_h_and_e():
     for c in colours:
         for name, bg in backgrounds.items():
             assert deltaE_cie76(lab(c), lab(bg)) >= 20, (c, name)
+
+
+def test_progress_rates_count_from_the_start_of_the_work():
+    """A one-block crop must not report hundreds of thousands of blocks/s: the clock starts with the work."""
+    import time
+
+    from gmrpath.common import LazyBar
+
+    with LazyBar("nuclei x", "blocks") as bar:
+        time.sleep(0.2)
+        bar(1, 1)
+        rate = float(bar.bar.tasks[0].fields["rate"].split()[0])
+    assert 0 < rate <= 1 / 0.2 + 0.5

@@ -7,6 +7,7 @@ without ../shared; tests that use the real MoNuSeg and Kather data skip only whe
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -370,6 +371,8 @@ def test_train_writes_checkpoints_the_pipeline_loads_and_resumes_exactly(tmp_pat
     summary = train(cfg, log=lambda s: None)
     out = Path(cfg.out)
     history = json.loads((out / "metrics.json").read_text())
+    # the logged lr is the one epoch 1's last step ran with (step 2 of 4, cosine, no warm-up), not the next one
+    assert history[0]["lr"] == pytest.approx(0.01 * 0.5 * (1 + math.cos(math.pi * 1 / 4)))
     assert [r["epoch"] for r in history] == [1, 2] and {"val_dice", "val_aji", "val_pq", "val_dice_45"} <= set(history[0])
     assert (out / "metrics.csv").read_text().count("\n") == 3
     loaded = load_model(ModelSpec(task="segment", model=str(out / "best.pt"), classes=["nucleus"]))
@@ -441,6 +444,7 @@ def test_ddp_two_processes_gloo(tmp_path, nuclei_dir):
     out = tmp_path / "run"
     history = json.loads((out / "metrics.json").read_text())
     assert len(history) == 1 and (out / "best.pt").is_file()
+    assert json.loads(proc.stdout)["epochs"] == 1  # one summary (rank 0's), valid JSON: not one per process
 
 
 def test_train_cli_bad_config_is_one_line(tmp_path):
@@ -626,3 +630,75 @@ def test_rgb_instance_masks_are_decoded_by_colour(tmp_path):
     grey = np.repeat((labels > 0).astype(np.uint8)[..., None] * 255, 3, axis=2)
     Image.fromarray(grey).save(tmp_path / "g.png")
     assert read_mask(tmp_path / "g.png").max() == 2  # binary stored as RGB: connected components
+
+
+def test_semantic_scores_agree_with_monai_and_fail_for_a_wrong_map():
+    from monai.metrics import compute_roc_auc
+
+    from training.metrics import semantic_scores
+
+    rng = np.random.default_rng(0)
+    truth = rng.random((40, 50)) > 0.7
+    prob = np.clip(truth * 60 + rng.normal(100, 50, truth.shape), 0, 255).astype(np.uint8)
+    ref = float(compute_roc_auc(torch.tensor(prob.ravel() / 255.0), torch.tensor(truth.ravel().astype(float))))
+    assert semantic_scores(prob, truth)["auc"] == pytest.approx(ref, abs=1e-12)
+    perfect = semantic_scores(truth.astype(np.uint8) * 255, truth)
+    assert perfect == {"auc": 1.0, "iou": 1.0, "dice": 1.0}
+    assert semantic_scores((~truth).astype(np.uint8) * 255, truth)["auc"] == 0.0
+
+
+def test_evaluate_semantic_scores_foreground_maps_upright_and_rotated(tmp_path, nuclei_dir):
+    from typer.testing import CliRunner
+
+    from gmrpath.cli import app
+
+    result = CliRunner().invoke(app, ["evaluate", "classical", "--data", str(nuclei_dir), "--mpp", "0.5", "--semantic",
+                                      "--angles", "0,90,45", "--limit", "2", "--out", str(tmp_path / "ev")])
+    assert result.exit_code == 0, result.output
+    report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
+    r = report["models"]["classical"]
+    assert report["task"] == "semantic" and {"auc_upright", "iou_upright", "dice_upright", "dice_rotated_mean"} <= set(r)
+    assert 0.8 < r["dice_upright"] <= 1.0 and 0.8 < r["auc_upright"] <= 1.0
+
+
+def _reference_aji(gt: np.ndarray, pred: np.ndarray) -> float:
+    """Kumar et al. (2017) AJI written out literally: loops over nuclei, no sparse tables."""
+    used, inter_sum, union_sum = set(), 0, 0
+    preds = [j for j in np.unique(pred) if j]
+    for i in [i for i in np.unique(gt) if i]:
+        g = gt == i
+        best, best_j = -1.0, None
+        for j in preds:
+            p = pred == j
+            iou = (g & p).sum() / (g | p).sum()
+            if iou > best:
+                best, best_j = iou, j
+        if best > 0:
+            p = pred == best_j
+            inter_sum += (g & p).sum()
+            union_sum += (g | p).sum()
+            used.add(best_j)
+        else:
+            union_sum += g.sum()
+    union_sum += sum((pred == j).sum() for j in preds if j not in used)
+    return inter_sum / union_sum
+
+
+@pytest.mark.parametrize("case", ["merge", "split", "shared", "miss_and_false", "random"])
+def test_aji_matches_a_literal_reference(case):
+    gt = np.zeros((30, 30), np.int32)
+    gt[2:8, 2:8], gt[2:8, 9:15], gt[20:26, 20:26] = 1, 2, 3
+    pred = np.zeros_like(gt)
+    if case == "merge":  # one prediction covers two nuclei
+        pred[2:8, 2:15], pred[20:26, 20:26] = 1, 2
+    elif case == "split":  # one nucleus cut in two
+        pred[2:8, 2:5], pred[2:8, 5:8], pred[2:8, 9:15], pred[20:26, 20:26] = 1, 2, 3, 4
+    elif case == "shared":  # one prediction matched by several nuclei (the union counted once per match)
+        pred[2:8, 4:13] = 1
+        pred[20:26, 21:26] = 2
+    elif case == "miss_and_false":
+        pred[2:8, 2:8], pred[12:16, 12:16] = 1, 2
+    else:
+        rng = np.random.default_rng(3)
+        pred = (rng.random(gt.shape) > 0.6) * rng.integers(1, 6, gt.shape)
+    assert aji(gt, pred) == pytest.approx(_reference_aji(gt, pred), abs=1e-12)

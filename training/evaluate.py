@@ -29,8 +29,8 @@ from pipeline.config import ModelSpec
 
 from .config import DataConfig
 from .datasets import load_dataset
-from .metrics import classification_scores, segmentation_scores
-from .protocol import central_disc, evaluate_nuclei_image, rotate_image
+from .metrics import classification_scores, segmentation_scores, semantic_scores
+from .protocol import central_disc, evaluate_nuclei_image, nuclei_probability, rotate_image
 from .records import write_rows
 
 __all__ = ["evaluate", "CLASSICAL"]
@@ -93,6 +93,27 @@ def _segment(loaded, samples, angles, device, log: Callable[[str], None] = print
     return rows
 
 
+def _semantic(loaded, samples, angles, device, log: Callable[[str], None] = print) -> list[dict]:
+    """Pixel AUC, IoU and Dice of the foreground map against binary masks (CryoNuSeg, the paper's Table 6)."""
+    from .classical import classical_nuclei
+
+    rows = []
+    for s in samples:
+        for angle in [0.0] + [float(a) for a in angles if a % 360]:
+            if loaded is None:
+                fg = classical_nuclei(rotate_image(s.native_image, angle), s.native_mpp) > 0
+                prob = rotate_image(fg.astype(np.uint8) * 255, -angle, nearest=True, border="constant")
+                valid = central_disc(s.native_labels.shape)
+            else:
+                prob, valid = nuclei_probability(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std)
+            if angle == 0:
+                rows.append({"image": s.name, "view": "upright", "value": 0.0, **semantic_scores(prob, s.native_labels)})
+            rows.append({"image": s.name, "view": "angle", "value": angle, **semantic_scores(prob, s.native_labels, valid)})
+        up = next(r for r in rows if r["image"] == s.name and r["view"] == "upright")
+        log(f"  {name_of(loaded)}: {sum(r['view'] == 'upright' for r in rows)}/{len(samples)} images, {s.name}: dice {up['dice']:.3f}")
+    return rows
+
+
 def name_of(loaded) -> str:
     """The label a model gets in progress lines: the checkpoint's file name, or ``classical``."""
     return CLASSICAL if loaded is None else Path(str(loaded.spec.model)).name
@@ -143,8 +164,11 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
     if not models:
         raise ValueError("name at least one checkpoint (or 'classical') to evaluate")
     task = task or ("segment" if data_cfg.kind == "nuclei" else "classify")
+    if task not in ("segment", "semantic", "classify"):
+        raise ValueError(f"task must be segment, semantic or classify, got {task!r}")
+    model_task = "segment" if task == "semantic" else task
     dev = resolve_device(device)
-    loaded = {name: _load(name, task) for name in models}
+    loaded = {name: _load(name, model_task) for name in models}
     first = next((m for m in loaded.values() if m is not None), None)
     mpp = first.spec.mpp if first else 0.5
     tile_px = first.spec.tile_px if first else 256
@@ -153,7 +177,7 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
     import dataclasses
 
     data = load_dataset(dataclasses.replace(data_cfg, val_fraction=data_cfg.val_fraction if split != "all" else 0.0,
-                                            split_csv=data_cfg.split_csv if split != "all" else None), task, mpp, tile_px)
+                                            split_csv=data_cfg.split_csv if split != "all" else None), model_task, mpp, tile_px)
     samples = sorted({"all": data.train + data.val, "train": data.train, "val": data.val}[split], key=lambda s: s.name)
     if images:
         import fnmatch
@@ -165,7 +189,7 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
     if angles is None:
         angles = list(range(0, 360, 10 if task == "classify" else 30))
     metrics = ["accuracy", "balanced_accuracy"] + (["auc"] if task == "classify" and len(data.classes) == 2 else []) \
-        if task == "classify" else ["dice", "aji", "pq"]
+        if task == "classify" else ["dice", "aji", "pq"] if task == "segment" else ["auc", "iou", "dice"]
     report = {"task": task, "data": str(data_cfg.root), "split": split, "n": len(samples), "angles": list(angles),
               "dataset_digest": data.digest, "models": {}}
     all_rows = []
@@ -173,13 +197,15 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         log(f"evaluating {name} on {len(samples)} {'tiles' if task == 'classify' else 'images'}")
         if m is not None:
             prepare_model(m, dev)
-        rows = _classify(m, samples, angles, dev) if task == "classify" else _segment(m, samples, angles, dev, log)
+        score = {"classify": lambda: _classify(m, samples, angles, dev), "segment": lambda: _segment(m, samples, angles, dev, log),
+                 "semantic": lambda: _semantic(m, samples, angles, dev, log)}[task]
+        rows = score()
         report["models"][name] = _summarise(rows, metrics)
         all_rows += [{"model": name, **r} for r in rows]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_rows(all_rows, out / "evaluation.csv", report)
-    _polar_plot(report, metrics[1] if task == "classify" else "dice", out / "polar.png")
+    _polar_plot(report, {"classify": metrics[1], "segment": "dice", "semantic": "dice"}[task], out / "polar.png")
     return report
 
 

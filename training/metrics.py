@@ -21,7 +21,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["aji", "dice", "panoptic_quality", "segmentation_scores", "classification_scores"]
+__all__ = ["aji", "dice", "panoptic_quality", "segmentation_scores", "semantic_scores", "classification_scores"]
 
 
 def _contingency(gt: np.ndarray, pred: np.ndarray):
@@ -110,6 +110,31 @@ def segmentation_scores(gt: np.ndarray, pred: np.ndarray, mask: np.ndarray | Non
         gt, pred = np.where(mask, gt, 0), np.where(mask, pred, 0)
     pq = panoptic_quality(gt, pred)
     return {"dice": dice(gt, pred), "aji": aji(gt, pred), "pq": pq["pq"], "dq": pq["dq"], "sq": pq["sq"]}
+
+
+def semantic_scores(prob_u8: np.ndarray, truth: np.ndarray, mask: np.ndarray | None = None) -> dict:
+    """Pixel ROC AUC, IoU and Dice of a foreground probability map (x255, as ``gmrpath segment``
+    stores it) against a binary truth, the paper's Table 6 scores. IoU and Dice threshold at 0.5;
+    the AUC is exact for the 256 levels (the Mann-Whitney statistic, ties counted half).
+
+    Shape:
+        ``(H, W)`` uint8, ``(H, W)`` bool (or labels) -> dict of floats.
+    """
+    p, t = np.asarray(prob_u8), np.asarray(truth) > 0
+    if p.shape != t.shape:
+        raise ValueError(f"prob and truth shapes differ: {p.shape} vs {t.shape}")
+    if mask is not None:
+        p, t = p[mask], t[mask]
+    p = p.astype(np.int64).ravel()
+    t = t.ravel()
+    pos = np.bincount(p[t], minlength=256).astype(np.float64)
+    neg = np.bincount(p[~t], minlength=256).astype(np.float64)
+    n_pos, n_neg = pos.sum(), neg.sum()
+    auc = float((pos * (np.cumsum(neg) - neg)).sum() + 0.5 * (pos * neg).sum()) / (n_pos * n_neg) if n_pos and n_neg else float("nan")
+    fg = p >= 128
+    inter, union = float((fg & t).sum()), float((fg | t).sum())
+    return {"auc": auc, "iou": inter / union if union else 1.0,
+            "dice": 2 * inter / (fg.sum() + t.sum()) if (fg.sum() + t.sum()) else 1.0}
 
 
 def classification_scores(probs: np.ndarray, labels: np.ndarray, num_classes: int) -> dict:

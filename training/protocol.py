@@ -22,8 +22,8 @@ import numpy as np
 from pipeline.instances import PostProcess
 from pipeline.nuclei import image_block_maps, labels_from_block_maps, labels_to_native, margin_px
 
-__all__ = ["rotate_image", "central_disc", "nuclei_block_maps", "evaluate_nuclei_image", "tune_postprocess",
-           "TUNE_FG", "TUNE_H"]
+__all__ = ["rotate_image", "central_disc", "nuclei_block_maps", "evaluate_nuclei_image", "nuclei_probability",
+           "tune_postprocess", "TUNE_FG", "TUNE_H"]
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 TUNE_FG = (0.4, 0.5, 0.6)
@@ -90,6 +90,29 @@ def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostPr
     """
     blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std)
     return _native_labels(blocks, post, module, sample, model_mpp, angle), central_disc(sample.native_image.shape)
+
+
+def nuclei_probability(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
+                       mean=MEAN, std=STD) -> tuple[np.ndarray, np.ndarray]:
+    """The foreground probability (x255, as ``gmrpath segment`` writes it) of one (rotated) sample
+    on its native pixel grid, rotated back; with the central disc (see :func:`evaluate_nuclei_image`).
+
+    Shape:
+        sample image ``(H, W, 3)`` -> ``(H, W)`` uint8 and ``(H, W)`` bool.
+    """
+    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std)
+    margin = margin_px(module)
+    width = max(x + w for (x, _), (w, _), _ in blocks)
+    height = max(y + h for (_, y), (_, h), _ in blocks)
+    prob = np.zeros((height, width), np.uint8)
+    for (x0, y0), (w, h), maps in blocks:
+        prob[y0: y0 + h, x0: x0 + w] = np.round(maps[0, margin: margin + h, margin: margin + w] * 255).astype(np.uint8)
+    h, w = sample.native_image.shape[:2]
+    turned = (angle % 360) % 180 == 90
+    native = labels_to_native(prob, (w, h) if turned else (h, w), model_mpp / sample.native_mpp)
+    if angle % 360:
+        native = rotate_image(native, -angle, nearest=angle % 90 == 0, border="constant")
+    return native, central_disc(sample.native_image.shape)
 
 
 def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True, progress=None) -> tuple[PostProcess, list[dict]]:
