@@ -88,3 +88,12 @@ def test_unet_with_the_stem_stays_exactly_equivariant_and_widens_its_margin():
         y = net(x)
         for g in grid_symmetries(2):
             assert_close_rel(net(apply_symmetry(x, g)), apply_symmetry(y, g), 1e-5)
+
+
+@pytest.mark.parametrize("d", DIMS)
+def test_separable_path_equals_the_full_kernel_path(d):
+    """The 1D-per-axis convolutions (what forward runs) against the full (2r + 1)^d kernels."""
+    f = InvariantFeatures(d, 2, scales=(1.0, 2.5)).double()
+    x = torch.randn(2, 2, *([SIZE[d]] * d), dtype=torch.float64)
+    for i in range(2):
+        assert_close_rel(f.responses(x, i), f.responses(x, i, separable=False), 1e-6)

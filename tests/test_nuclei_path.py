@@ -66,7 +66,14 @@ def test_evaluation_scores_what_segment_writes(crop_40x, tmp_path):
     # a quarter turn of a non-square image: the same objects, turned back onto the upright grid
     turned, _ = evaluate_nuclei_image(loaded.module, sample, loaded.spec.mpp, torch.device("cpu"), post, angle=90,
                                       mean=loaded.mean, std=loaded.std)
-    assert turned.shape == rgb.shape[:2] and _same_partition(turned, native)  # exact: the GMR U-Net is equivariant
+    # equivariant maps (to float rounding: at most one x255 level), so the same nuclei bar a few threshold pixels
+    from training.metrics import aji
+    from training.protocol import nuclei_probability
+
+    up = nuclei_probability(loaded.module, sample, loaded.spec.mpp, torch.device("cpu"), 0, mean=loaded.mean, std=loaded.std)[0]
+    quarter = nuclei_probability(loaded.module, sample, loaded.spec.mpp, torch.device("cpu"), 90, mean=loaded.mean, std=loaded.std)[0]
+    assert np.abs(up.astype(int) - quarter).max() <= 1
+    assert turned.shape == rgb.shape[:2] and aji(native, turned) > 0.99
 
 
 def _check_40x_geometry(store, geojson_path, labels):

@@ -702,3 +702,12 @@ def test_aji_matches_a_literal_reference(case):
         rng = np.random.default_rng(3)
         pred = (rng.random(gt.shape) > 0.6) * rng.integers(1, 6, gt.shape)
     assert aji(gt, pred) == pytest.approx(_reference_aji(gt, pred), abs=1e-12)
+
+
+def test_a_validation_loss_far_above_training_is_flagged():
+    from training.loop import loss_warning
+
+    line = loss_warning({"epoch": 3, "train_loss": 2.08, "val_loss": 7.672e5})
+    assert line.startswith("warning: epoch 3: validation loss 7.672e+05 is over 100x the training loss 2.08")
+    assert loss_warning({"epoch": 3, "train_loss": 2.08, "val_loss": 2.5}) == ""
+    assert loss_warning({"epoch": 3, "train_loss": 0.4}) == ""  # segmentation rows have no val_loss

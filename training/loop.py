@@ -41,7 +41,7 @@ from .protocol import MEAN, STD, TUNE_FG, TUNE_H, evaluate_nuclei_image, tune_po
 from .records import atomic_save, code_version, write_rows
 from .samples import NucleiCrops, TileSamples
 
-__all__ = ["train", "TRAIN_STATE_FORMAT", "segment_loss"]
+__all__ = ["train", "TRAIN_STATE_FORMAT", "segment_loss", "loss_warning"]
 
 TRAIN_STATE_FORMAT = "gmrpath-train-state-v1"
 
@@ -85,6 +85,15 @@ def segment_loss(logits: torch.Tensor, target: torch.Tensor, separation_weight: 
         near = F.max_pool2d((fg > 0).float()[:, None], 5, stride=1, padding=2)[:, 0]
         loss = loss + separation_weight * (err * near).sum() / near.sum().clamp_min(1.0)
     return loss
+
+
+def loss_warning(row: dict) -> str:
+    """A line when an epoch's validation loss is over 100x its training loss (else ""): batch-norm
+    statistics, a mismatch between the splits, or divergence; worth a look before trusting the run."""
+    if row.get("val_loss", 0.0) > 100 * max(row["train_loss"], 1e-12):
+        return (f"warning: epoch {row['epoch']}: validation loss {row['val_loss']:.4g} is over 100x the training loss "
+                f"{row['train_loss']:.4g}: batch-norm statistics, a data mismatch between the splits, or divergence")
+    return ""
 
 
 def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dict:
@@ -283,9 +292,9 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
                 row.update(_validate_segment(module, data, cfg, device) if cfg.task == "segment"
                            else _validate_classify(module, val_loader, device, len(data.classes), cfg.amp))
             row["epoch_s"] = round(time.perf_counter() - t0, 1)
-            if row.get("val_loss", 0.0) > 100 * max(row["train_loss"], 1e-12):
-                log(f"warning: epoch {epoch + 1}: validation loss {row['val_loss']:.4g} is over 100x the training loss "
-                    f"{row['train_loss']:.4g}: batch-norm statistics, a data mismatch between the splits, or divergence")
+            warning = loss_warning(row)
+            if warning:
+                log(warning)
             history.append(row)
             score = epoch if cfg.select == "last" else row.get(cfg.select, -row["train_loss"])
             if score > best:

@@ -74,13 +74,18 @@ class InvariantFeatures(nn.Module):
         self.out_channels = in_channels * (1 + 3 * len(scales))
         d = self.spatial_dims
         pairs = list(itertools.combinations_with_replacement(range(d), 2))
+        # derivative order along each axis of every response: the d first derivatives, then the Hessian's pairs
+        self._orders = [tuple(int(a == axis) for a in range(d)) for axis in range(d)]
+        self._orders += [tuple(int(a == p) + int(a == q) for a in range(d)) for p, q in pairs]
+        self._norms: list[list[float]] = []
         for i, s in enumerate(self.scales):
             g = _gaussian_derivatives(s)
-            kernels = [self._separable([g[1] if a == axis else g[0] for a in range(d)]) * s for axis in range(d)]
-            kernels += [self._separable([g[2] if a == p == q else g[1] if a in (p, q) else g[0] for a in range(d)]) * s**2
-                        for p, q in pairs]
-            bank = torch.stack(kernels)[:, None].repeat(in_channels, 1, *([1] * d))  # (C * n_k, 1, *k)
+            norm = [s ** sum(o) for o in self._orders]  # scale normalisation: s per derivative
+            kernels = [self._separable([g[k] for k in o]) * n for o, n in zip(self._orders, norm)]
+            bank = torch.stack(kernels)[:, None].repeat(in_channels, 1, *([1] * d))  # (C * n_k, 1, *k): the naive path
             self.register_buffer(f"bank{i}", bank.to(torch.get_default_dtype()), persistent=False)
+            self.register_buffer(f"factors{i}", torch.stack(g).to(torch.get_default_dtype()), persistent=False)
+            self._norms.append(norm)
         self._n_first, self._pairs = d, pairs
 
     @staticmethod
@@ -90,18 +95,41 @@ class InvariantFeatures(nn.Module):
             out = out[..., None] * f
         return out
 
+    def responses(self, x: Tensor, i: int, separable: bool = True) -> Tensor:
+        """The Gaussian-derivative responses at scale ``i``: ``separable`` runs one 1D convolution per
+        axis (``d * (2r + 1)`` taps); otherwise the full ``(2r + 1)^d`` kernels (the naive path, for tests).
+
+        Shape:
+            ``(N, C, *S) -> (N, C, K, *S)``, ``K = d + d (d + 1) / 2``.
+        """
+        n, c, d = x.shape[0], self.in_channels, self.spatial_dims
+        if not separable:
+            bank = getattr(self, f"bank{i}").to(x.dtype)
+            return CONV_FUNCTIONS[d](x, bank, padding=bank.shape[-1] // 2, groups=c).view(n, c, -1, *x.shape[2:])
+        g = getattr(self, f"factors{i}").to(x.dtype)  # (3, L): order 0, 1, 2
+        r = g.shape[-1] // 2
+        outs = []
+        for orders, norm in zip(self._orders, self._norms[i]):
+            y = x
+            for axis, order in enumerate(orders):
+                shape = [1] * d
+                shape[axis] = g.shape[-1]
+                pad = [0] * d
+                pad[axis] = r
+                weight = g[order].reshape(1, 1, *shape).expand(c, 1, *shape)
+                y = CONV_FUNCTIONS[d](y, weight, padding=tuple(pad), groups=c)
+            outs.append(y * norm)
+        return torch.stack(outs, 2)
+
     def forward(self, x: Tensor) -> Tensor:
         if x.dim() != self.spatial_dims + 2 or x.shape[1] != self.in_channels:
             raise ValueError(f"expected (N, {self.in_channels}, *spatial) with {self.spatial_dims} spatial dims, got {tuple(x.shape)}")
-        n, c, d = x.shape[0], self.in_channels, self.spatial_dims
         feats = [x]
         for i in range(len(self.scales)):
-            bank = getattr(self, f"bank{i}").to(x.dtype)
-            r = bank.shape[-1] // 2
-            y = CONV_FUNCTIONS[d](x, bank, padding=r, groups=c).view(n, c, -1, *x.shape[2:])
+            y = self.responses(x, i)
             first, second = y[:, :, : self._n_first], y[:, :, self._n_first:]
             diag = torch.stack([second[:, :, j] for j, (p, q) in enumerate(self._pairs) if p == q], 2)
-            cross = torch.stack([second[:, :, j] for j, (p, q) in enumerate(self._pairs) if p != q], 2) if d > 1 else None
+            cross = torch.stack([second[:, :, j] for j, (p, q) in enumerate(self._pairs) if p != q], 2) if self.spatial_dims > 1 else None
             frob = diag.square().sum(2) + (2 * cross.square().sum(2) if cross is not None else 0)
             feats += [first.square().sum(2).add(1e-12).sqrt(), diag.sum(2), frob.add(1e-12).sqrt()]
         return torch.cat(feats, 1)
