@@ -220,17 +220,15 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
         raise ModelError(f"{path}: tile_px {tile} is not a multiple of {multiple}: {ckpt['model']} would lose its exact "
                          "invariance to 90-degree rotations and flips")
     module.eval()
-    adopted = [f"{k} {v}" for k, v, was in (("classes", classes, list(spec.classes)), ("tile_px", int(ckpt.get("tile_px", spec.tile_px)), spec.tile_px),
-                                            ("mpp", float(ckpt.get("mpp", spec.mpp)), spec.mpp))
-               if k in spec.from_preset and v != was]
     digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
-    spec = ModelSpec(
+    own = ModelSpec(
         task=spec.task, model=str(path), model_kwargs=dict(ckpt.get("model_kwargs", {})), classes=classes,
         tile_px=int(ckpt.get("tile_px", spec.tile_px)), mpp=float(ckpt.get("mpp", spec.mpp)),
         stride_px=spec.stride_px, overlap_px=spec.overlap_px, seed=spec.seed,
     )
+    adopted = [f"{k} {getattr(own, k)}" for k in spec.from_preset if getattr(own, k) != getattr(spec, k)]
     return LoadedModel(
-        module, ckpt["model"], digest, True, tuple(ckpt.get("mean", DEFAULT_MEAN)), tuple(ckpt.get("std", DEFAULT_STD)), spec,
+        module, ckpt["model"], digest, True, tuple(ckpt.get("mean", DEFAULT_MEAN)), tuple(ckpt.get("std", DEFAULT_STD)), own,
         dict(ckpt.get("meta", {})), adopted,
     )
 

@@ -32,8 +32,8 @@ import numpy as np
 from .instances import PostProcess
 from .read import Slide, read_region, slide_from_array
 
-__all__ = ["margin_px", "block_origins", "read_block", "block_maps", "block_instances", "segment_block",
-           "image_block_maps", "labels_from_block_maps", "segment_image", "labels_to_native"]
+__all__ = ["margin_px", "block_origins", "read_block", "block_maps", "block_probability", "block_instances", "segment_block",
+           "image_block_maps", "labels_from_block_maps", "probability_from_block_maps", "segment_image", "labels_to_native"]
 
 
 def margin_px(module, overlap_px: int = 0) -> int:
@@ -84,6 +84,16 @@ def block_maps(module, mean, std, window: np.ndarray, device, amp: bool = True, 
     return segment_maps(module, torch.from_numpy(np.ascontiguousarray(window)), mean, std, device, amp=amp, tta=tta)
 
 
+def block_probability(maps: np.ndarray, margin: int, core_hw: tuple[int, int]) -> np.ndarray:
+    """The foreground probability of a window's core, x255 as the OME-Zarr stores it.
+
+    Shape:
+        maps ``(C, h + 2m, w + 2m)`` -> ``(h, w)`` uint8.
+    """
+    h, w = core_hw
+    return np.round(maps[0, margin: margin + h, margin: margin + w] * 255).astype(np.uint8)
+
+
 def block_instances(maps: np.ndarray, post: PostProcess, margin: int, core_hw: tuple[int, int], origin_xy: tuple[int, int],
                     width: int) -> np.ndarray:
     """Instances of a window read with ``margin``, cropped to its core, with global centroid ids.
@@ -118,9 +128,8 @@ def segment_block(module, mean, std, slide: Slide, origin_xy: tuple[int, int], s
     """
     (x0, y0), (w, h) = origin_xy, size_wh
     maps = block_maps(module, mean, std, read_block(slide, origin_xy, size_wh, margin, model_mpp), device, amp, tta)
-    prob = np.round(maps[0, margin: margin + h, margin: margin + w] * 255).astype(np.uint8)
     width, _, _ = model_extent(slide, model_mpp)
-    return prob, block_instances(maps, post, margin, (h, w), (x0, y0), width)
+    return block_probability(maps, margin, (h, w)), block_instances(maps, post, margin, (h, w), (x0, y0), width)
 
 
 def image_block_maps(module, mean, std, image: np.ndarray, image_mpp: float, model_mpp: float, device, amp: bool = True,
@@ -139,18 +148,32 @@ def image_block_maps(module, mean, std, image: np.ndarray, image_mpp: float, mod
         yield (x0, y0), size, block_maps(module, mean, std, window, device, amp, tta)
 
 
+def _assemble(blocks: Sequence[tuple], dtype, core) -> np.ndarray:
+    """The whole image from :func:`image_block_maps`' blocks, each block's core from ``core(maps, (h, w), (x0, y0), width)``."""
+    width = max(x + w for (x, _), (w, _), _ in blocks)
+    height = max(y + h for (_, y), (_, h), _ in blocks)
+    out = np.zeros((height, width), dtype)
+    for (x0, y0), (w, h), maps in blocks:
+        out[y0: y0 + h, x0: x0 + w] = core(maps, (h, w), (x0, y0), width)
+    return out
+
+
 def labels_from_block_maps(blocks: Sequence[tuple], post: PostProcess, margin: int) -> np.ndarray:
     """The instance image (model pixels) assembled from :func:`image_block_maps`' blocks.
 
     Shape:
         returns ``(height, width)`` uint64.
     """
-    width = max(x + w for (x, _), (w, _), _ in blocks)
-    height = max(y + h for (_, y), (_, h), _ in blocks)
-    out = np.zeros((height, width), np.uint64)
-    for (x0, y0), (w, h), maps in blocks:
-        out[y0: y0 + h, x0: x0 + w] = block_instances(maps, post, margin, (h, w), (x0, y0), width)
-    return out
+    return _assemble(blocks, np.uint64, lambda maps, hw, xy, width: block_instances(maps, post, margin, hw, xy, width))
+
+
+def probability_from_block_maps(blocks: Sequence[tuple], margin: int) -> np.ndarray:
+    """The foreground probability image (model pixels, x255) assembled from :func:`image_block_maps`' blocks.
+
+    Shape:
+        returns ``(height, width)`` uint8.
+    """
+    return _assemble(blocks, np.uint8, lambda maps, hw, xy, width: block_probability(maps, margin, hw))
 
 
 def segment_image(module, mean, std, image: np.ndarray, image_mpp: float, model_mpp: float,

@@ -71,44 +71,32 @@ def _classify(loaded, samples, angles, device, batch_size: int = 32) -> list[dic
     return rows
 
 
-def _segment(loaded, samples, angles, device, log: Callable[[str], None] = print) -> list[dict]:
+def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print, semantic: bool = False) -> list[dict]:
+    """Instance scores (Dice, AJI, PQ) or, with ``semantic``, foreground-map scores (pixel AUC, IoU, Dice
+    against binary masks: CryoNuSeg, the paper's Table 6) of every image, upright and at every angle."""
     from .classical import classical_nuclei
 
     post = PostProcess(**loaded.meta.get("postprocess", {})) if loaded is not None else None
+
+    def score(truth, pred, mask=None) -> dict:
+        return semantic_scores(pred, truth, mask) if semantic else segmentation_scores(truth, pred, mask)
+
     rows = []
     for s in samples:
         for angle in [0.0] + [float(a) for a in angles if a % 360]:
             if loaded is None:
                 labels = classical_nuclei(rotate_image(s.native_image, angle), s.native_mpp)
-                labels = rotate_image(labels, -angle, nearest=True, border="constant")
+                pred = (labels > 0).astype(np.uint8) * 255 if semantic else labels
+                pred = rotate_image(pred, -angle, nearest=True, border="constant")
                 valid = central_disc(s.native_labels.shape)
+            elif semantic:
+                pred, valid = nuclei_probability(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std)
             else:
-                labels, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle,
-                                                      mean=loaded.mean, std=loaded.std)
+                pred, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle,
+                                                    mean=loaded.mean, std=loaded.std)
             if angle == 0:
-                rows.append({"image": s.name, "view": "upright", "value": 0.0, **segmentation_scores(s.native_labels, labels)})
-            rows.append({"image": s.name, "view": "angle", "value": angle, **segmentation_scores(s.native_labels, labels, valid)})
-        up = next(r for r in rows if r["image"] == s.name and r["view"] == "upright")
-        log(f"  {name_of(loaded)}: {sum(r['view'] == 'upright' for r in rows)}/{len(samples)} images, {s.name}: dice {up['dice']:.3f}")
-    return rows
-
-
-def _semantic(loaded, samples, angles, device, log: Callable[[str], None] = print) -> list[dict]:
-    """Pixel AUC, IoU and Dice of the foreground map against binary masks (CryoNuSeg, the paper's Table 6)."""
-    from .classical import classical_nuclei
-
-    rows = []
-    for s in samples:
-        for angle in [0.0] + [float(a) for a in angles if a % 360]:
-            if loaded is None:
-                fg = classical_nuclei(rotate_image(s.native_image, angle), s.native_mpp) > 0
-                prob = rotate_image(fg.astype(np.uint8) * 255, -angle, nearest=True, border="constant")
-                valid = central_disc(s.native_labels.shape)
-            else:
-                prob, valid = nuclei_probability(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std)
-            if angle == 0:
-                rows.append({"image": s.name, "view": "upright", "value": 0.0, **semantic_scores(prob, s.native_labels)})
-            rows.append({"image": s.name, "view": "angle", "value": angle, **semantic_scores(prob, s.native_labels, valid)})
+                rows.append({"image": s.name, "view": "upright", "value": 0.0, **score(s.native_labels, pred)})
+            rows.append({"image": s.name, "view": "angle", "value": angle, **score(s.native_labels, pred, valid)})
         up = next(r for r in rows if r["image"] == s.name and r["view"] == "upright")
         log(f"  {name_of(loaded)}: {sum(r['view'] == 'upright' for r in rows)}/{len(samples)} images, {s.name}: dice {up['dice']:.3f}")
     return rows
@@ -197,9 +185,8 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         log(f"evaluating {name} on {len(samples)} {'tiles' if task == 'classify' else 'images'}")
         if m is not None:
             prepare_model(m, dev)
-        score = {"classify": lambda: _classify(m, samples, angles, dev), "segment": lambda: _segment(m, samples, angles, dev, log),
-                 "semantic": lambda: _semantic(m, samples, angles, dev, log)}[task]
-        rows = score()
+        rows = _classify(m, samples, angles, dev) if task == "classify" else \
+            _nuclei(m, samples, angles, dev, log, semantic=task == "semantic")
         report["models"][name] = _summarise(rows, metrics)
         all_rows += [{"model": name, **r} for r in rows]
     out = Path(out)

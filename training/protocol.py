@@ -20,7 +20,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.instances import PostProcess
-from pipeline.nuclei import image_block_maps, labels_from_block_maps, labels_to_native, margin_px
+from pipeline.nuclei import image_block_maps, labels_from_block_maps, labels_to_native, margin_px, probability_from_block_maps
 
 __all__ = ["rotate_image", "central_disc", "nuclei_block_maps", "evaluate_nuclei_image", "nuclei_probability",
            "tune_postprocess", "TUNE_FG", "TUNE_H"]
@@ -67,15 +67,19 @@ def nuclei_block_maps(module, sample, model_mpp: float, device, angle: float = 0
     return list(image_block_maps(module, mean, std, img, sample.native_mpp, model_mpp, device, amp))
 
 
-def _native_labels(blocks: list[tuple], post: PostProcess, module, sample, model_mpp: float, angle: float) -> np.ndarray:
-    labels = labels_from_block_maps(blocks, post, margin_px(module))
+def _upright_native(image: np.ndarray, sample, model_mpp: float, angle: float, nearest: bool) -> np.ndarray:
+    """A model-pixel map of the sample rotated by ``angle``, put on the native grid and turned back upright."""
     h, w = sample.native_image.shape[:2]
     turned = (angle % 360) % 180 == 90  # a quarter turn swaps the sides; other angles keep the frame
-    native = labels_to_native(labels, (w, h) if turned else (h, w), model_mpp / sample.native_mpp)
+    native = labels_to_native(image, (w, h) if turned else (h, w), model_mpp / sample.native_mpp)
+    return native if angle % 360 == 0 else rotate_image(native, -angle, nearest=nearest, border="constant")
+
+
+def _native_labels(blocks: list[tuple], post: PostProcess, module, sample, model_mpp: float, angle: float) -> np.ndarray:
     from skimage.segmentation import relabel_sequential
 
-    native = relabel_sequential(native.astype(np.int64))[0].astype(np.int32)
-    return native if angle % 360 == 0 else rotate_image(native, -angle, nearest=True, border="constant")
+    labels = relabel_sequential(labels_from_block_maps(blocks, post, margin_px(module)).astype(np.int64))[0].astype(np.int32)
+    return _upright_native(labels, sample, model_mpp, angle, nearest=True)
 
 
 def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostProcess, angle: float = 0.0,
@@ -101,18 +105,8 @@ def nuclei_probability(module, sample, model_mpp: float, device, angle: float = 
         sample image ``(H, W, 3)`` -> ``(H, W)`` uint8 and ``(H, W)`` bool.
     """
     blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std)
-    margin = margin_px(module)
-    width = max(x + w for (x, _), (w, _), _ in blocks)
-    height = max(y + h for (_, y), (_, h), _ in blocks)
-    prob = np.zeros((height, width), np.uint8)
-    for (x0, y0), (w, h), maps in blocks:
-        prob[y0: y0 + h, x0: x0 + w] = np.round(maps[0, margin: margin + h, margin: margin + w] * 255).astype(np.uint8)
-    h, w = sample.native_image.shape[:2]
-    turned = (angle % 360) % 180 == 90
-    native = labels_to_native(prob, (w, h) if turned else (h, w), model_mpp / sample.native_mpp)
-    if angle % 360:
-        native = rotate_image(native, -angle, nearest=angle % 90 == 0, border="constant")
-    return native, central_disc(sample.native_image.shape)
+    prob = probability_from_block_maps(blocks, margin_px(module))
+    return _upright_native(prob, sample, model_mpp, angle, nearest=angle % 90 == 0), central_disc(sample.native_image.shape)
 
 
 def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True, progress=None) -> tuple[PostProcess, list[dict]]:
