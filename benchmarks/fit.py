@@ -50,17 +50,17 @@ def fixed_tile_batch(root: str | Path, tiles: int = 16, tile_px: int = 96, mpp: 
         returns ``(tiles, 3, tile_px, tile_px)`` normalised images and ``(tiles,)`` class ids.
     """
     from training.config import DataConfig
-    from training.datasets import load_dataset
     from training.protocol import MEAN, STD
+    from training.tilesets import tile_sets
 
-    data = load_dataset(DataConfig(kind="folder", root=str(root), mpp=data_mpp, val_fraction=0.0), "classify", mpp, tile_px)
+    stream = tile_sets(DataConfig(kind="folder", root=str(root), mpp=data_mpp, val_fraction=0.0), mpp, tile_px).train
+    stream = stream.view(mean=MEAN, std=STD)
     rng = np.random.default_rng(seed)
     by_class: dict[int, list] = {}
-    for s in data.train:
-        by_class.setdefault(s.label, []).append(s)
+    for i, label in enumerate(stream.labels):
+        by_class.setdefault(int(label), []).append(i)
     picks = [by_class[c][int(rng.integers(len(by_class[c])))] for c in (sorted(by_class) * tiles)[:tiles]]
-    x = np.stack([(s.image.astype(np.float32) / 255.0 - np.array(MEAN, np.float32)) / np.array(STD, np.float32) for s in picks])
-    return torch.from_numpy(x).permute(0, 3, 1, 2).contiguous(), torch.tensor([s.label for s in picks])
+    return torch.stack([stream[i][0] for i in picks]), torch.tensor([int(stream.labels[i]) for i in picks])
 
 
 def fixed_nuclei_batch(root: str | Path, crops: int = 4, crop_px: int = 64, mpp: float = 0.5, data_mpp: float = 0.25,

@@ -17,7 +17,10 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["write_pyramidal_tiff", "mosaic_tiff", "read_demo_tissue"]
+__all__ = ["write_pyramidal_tiff", "mosaic_tiff", "read_demo_tissue", "tissue_tiles", "write_tile_folder", "write_pcam_h5",
+           "NCT_CRC_CLASSES"]
+
+NCT_CRC_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
 
 
 def _levels(image: np.ndarray, n_levels: int):
@@ -94,3 +97,82 @@ def mosaic_tiff(path: str | Path, tissue: np.ndarray, repeat: int, mpp: float = 
             tif.write(tiles(step), shape=(H // step, W // step, 3), dtype=np.uint8, tile=(tile, tile), photometric="rgb",
                       compression="jpeg", subfiletype=1 if i else 0, **extra)
     return path
+
+
+def tissue_tiles(tissue: np.ndarray, count: int, tile_px: int, seed: int = 0) -> np.ndarray:
+    """``count`` random ``tile_px`` crops of real tissue, each in one of the 8 grid orientations.
+
+    Shape:
+        ``(H, W, 3) -> (count, tile_px, tile_px, 3)`` uint8.
+    """
+    rng = np.random.default_rng(seed)
+    out = np.empty((count, tile_px, tile_px, 3), np.uint8)
+    for i in range(count):
+        y, x = (int(rng.integers(0, n - tile_px + 1)) for n in tissue.shape[:2])
+        crop = np.rot90(tissue[y: y + tile_px, x: x + tile_px], int(rng.integers(4)))
+        out[i] = crop[:, ::-1] if rng.integers(2) else crop
+    return out
+
+
+def write_tile_folder(root: str | Path, tiles: np.ndarray, count: int, classes=NCT_CRC_CLASSES, ext: str = ".tif",
+                      link: bool = True) -> Path:
+    """An NCT-CRC-HE-100K-shaped set: ``root/<CLASS>/<CLASS>-<i>.tif``, ``count`` files dealt over the
+    classes. The distinct ``tiles`` are written once; the other files are hard links to them (as
+    costly to list and decode as copies, without their disk), unless ``link`` is false or the
+    file system refuses links."""
+    import tifffile
+    from PIL import Image
+
+    root = Path(root)
+    written: dict[int, Path] = {}
+    for i in range(count):
+        cls = classes[i % len(classes)]
+        folder = root / cls
+        folder.mkdir(parents=True, exist_ok=True)
+        path = folder / f"{cls}-{i:06d}{ext}"
+        k = i % len(tiles)
+        if link and k in written:
+            try:
+                path.hardlink_to(written[k])
+                continue
+            except OSError:
+                pass
+        if ext == ".tif":
+            tifffile.imwrite(path, tiles[k], photometric="rgb")
+        else:
+            Image.fromarray(tiles[k]).save(path)
+        written.setdefault(k, path)
+    return root
+
+
+def write_pcam_h5(root: str | Path, split: str, tiles: np.ndarray, count: int, n_classes: int = 2, chunk_rows: int = 1,
+                  compression: Optional[str] = None, gz: bool = False, seed: int = 0) -> tuple[Path, Path]:
+    """PCam-shaped ``camelyonpatch_level_2_split_<split>_x.h5`` / ``_y.h5`` with ``count`` rows made from
+    ``tiles``, written in blocks (memory stays at one block); chunked ``chunk_rows`` rows at a time;
+    labels shaped ``(N, 1, 1, 1)`` as PCam's. ``gz``: gzip both files as PCam is distributed."""
+    import gzip
+    import shutil
+
+    import h5py
+
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    stem = root / f"camelyonpatch_level_2_split_{split}"
+    xp, yp = Path(f"{stem}_x.h5"), Path(f"{stem}_y.h5")
+    rng = np.random.default_rng(seed)
+    side = tiles.shape[1]
+    with h5py.File(xp, "w") as fx:
+        ds = fx.create_dataset("x", (count, side, side, 3), np.uint8, chunks=(chunk_rows, side, side, 3),
+                               compression=compression)
+        for start in range(0, count, 4096):
+            stop = min(count, start + 4096)
+            ds[start:stop] = tiles[np.arange(start, stop) % len(tiles)]
+    with h5py.File(yp, "w") as fy:
+        fy["y"] = rng.integers(0, n_classes, (count, 1, 1, 1), dtype=np.uint8)
+    if gz:
+        for p in (xp, yp):
+            with open(p, "rb") as src, gzip.open(f"{p}.gz", "wb", compresslevel=1) as dst:
+                shutil.copyfileobj(src, dst)
+            p.unlink()
+        xp, yp = Path(f"{xp}.gz"), Path(f"{yp}.gz")
+    return xp, yp

@@ -107,7 +107,7 @@ def evaluate_cmd(
     mpp: Optional[float] = typer.Option(None, "--mpp", help="The data's microns per pixel."),
     mpp_csv: Optional[Path] = typer.Option(None, "--mpp-csv", help="Per-image mpp: CSV with image and mpp (or mpp_nominal) columns."),
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="CSV image,split: with --split, score one side only."),
-    split: str = typer.Option("all", "--split", help="all, train or val."),
+    split: str = typer.Option("all", "--split", help="all, train, val, or test (PCam's *_test_x.h5)."),
     images: list[str] = typer.Option([], "--images", help="Score only images whose names match (shell pattern, e.g. '*_03'; repeatable)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many images (the first by name)."),
     labels_dir: str = typer.Option("labels", "--labels-dir", help="Nuclei: the masks' folder under --data (e.g. masks_annotator1)."),
@@ -116,16 +116,17 @@ def evaluate_cmd(
     angles: Optional[str] = typer.Option(None, "--angles", help="Degrees: start:stop:step or a list (default 0:360:10 tiles, 0:360:30 nuclei)."),
     out: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Folder for evaluation.json, .csv and polar.png."),
     device: str = typer.Option("auto", "--device"),
+    workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="Tiles: DataLoader workers decoding them."),
 ) -> None:
-    """Score models upright, rotated and flipped (the paper's protocol), side by side."""
+    """Score models upright, rotated and flipped (the paper's protocol), side by side; tile sets stream."""
     from training.config import DataConfig
     from training.evaluate import evaluate
 
-    if split not in ("all", "train", "val"):
-        raise typer.BadParameter(f"--split must be all, train or val, got {split!r}")
+    if split not in ("all", "train", "val", "test"):
+        raise typer.BadParameter(f"--split must be all, train, val or test, got {split!r}")
     if kind is None:
         kind = "csv" if data.suffix.lower() == ".csv" else "nuclei" if (data / labels_dir).is_dir() else \
-            "h5" if any(data.glob("*_x.h5")) else "folder"
+            "h5" if any(data.glob("*_x.h5*")) else "folder"
     if mpp is None and mpp_csv is None:
         raise typer.BadParameter("give the data's resolution: --mpp (e.g. 0.25 for 40x) or --mpp-csv")
     if not data.exists():
@@ -134,7 +135,7 @@ def evaluate_cmd(
         cfg = DataConfig(kind=kind, root=str(data), mpp=mpp, mpp_csv=str(mpp_csv) if mpp_csv else None, labels=labels_dir,
                          split_csv=str(split_csv) if split_csv else None, val_fraction=0.0)
         report = evaluate(models, cfg, out, task="semantic" if semantic else None, angles=_angles(angles), split=split,
-                          device=device, log=console.print, images=images or None, limit=limit)
+                          device=device, log=console.print, images=images or None, limit=limit, workers=workers)
     except ValueError as err:
         fail(err)
     _print_report(report, console)

@@ -26,6 +26,7 @@ from pipeline.config import ModelSpec
 from training.augment import build_augment
 from training.config import AugmentConfig, DataConfig, TrainConfigError, load_train_config
 from training.datasets import DataError, Sample, load_dataset, split_names
+from training.tilesets import tile_sets
 from training.samples import NucleiCrops
 from training.metrics import aji, classification_scores, panoptic_quality, segmentation_scores
 from training.targets import nuclei_targets
@@ -194,18 +195,20 @@ def test_binary_masks_become_instances(tmp_path):
 
 
 def test_tile_datasets_folder_csv_and_errors(tmp_path, tiles_dir):
-    data = load_dataset(DataConfig(kind="folder", root=str(tiles_dir), mpp=0.25, val_fraction=0.25), "classify", 0.5, 16)
+    data = tile_sets(DataConfig(kind="folder", root=str(tiles_dir), mpp=0.25, val_fraction=0.25), 0.5, 16)
     assert data.classes == ["pink", "purple"] and len(data.train) + len(data.val) == 12
-    assert data.train[0].image.shape == (16, 16, 3)  # 40 px at 0.25 -> 20 px at 0.5, centre crop 16
+    assert data.train.view(raw=True)[0][0].shape == (16, 16, 3)  # 40 px at 0.25 -> 20 px at 0.5, centre crop 16
     csv = tmp_path / "tiles.csv"
     csv.write_text("path,label\n" + "".join(f"{p},{p.parent.name}\n" for p in sorted(tiles_dir.rglob("*.png"))))
-    assert len(load_dataset(DataConfig(kind="csv", root=str(csv), mpp=0.5, val_fraction=0), "classify", 0.5, 16).train) == 12
+    assert len(tile_sets(DataConfig(kind="csv", root=str(csv), mpp=0.5, val_fraction=0), 0.5, 16).train) == 12
     with pytest.raises(DataError, match="label 'pink' is not one of the classes"):
-        load_dataset(DataConfig(kind="csv", root=str(csv), mpp=0.5, classes=["purple", "other"]), "classify", 0.5, 16)
+        tile_sets(DataConfig(kind="csv", root=str(csv), mpp=0.5, classes=["purple", "other"]), 0.5, 16)
     empty = _copy_tree(tiles_dir, tmp_path / "t")
     (empty / "mucus").mkdir()
     with pytest.raises(DataError, match="mucus: empty class folder"):
-        load_dataset(DataConfig(kind="folder", root=str(empty), mpp=0.5), "classify", 0.5, 16)
+        tile_sets(DataConfig(kind="folder", root=str(empty), mpp=0.5), 0.5, 16)
+    with pytest.raises(DataError, match="tile sets stream"):
+        load_dataset(DataConfig(kind="folder", root=str(tiles_dir), mpp=0.5), "classify", 0.5, 16)
 
 
 def test_h5_pairs(tmp_path):
@@ -216,12 +219,12 @@ def test_h5_pairs(tmp_path):
         f["x"] = rng.integers(0, 255, (6, 32, 32, 3), dtype=np.uint8)
     with h5py.File(tmp_path / "train_y.h5", "w") as f:
         f["y"] = np.array([0, 1, 0, 1, 1, 0], np.uint8).reshape(6, 1, 1, 1)
-    data = load_dataset(DataConfig(kind="h5", root=str(tmp_path), mpp=0.972, val_fraction=0), "classify", 0.972, 32)
-    assert [s.label for s in data.train] == [0, 1, 0, 1, 1, 0] and data.classes == ["normal", "tumour"]
+    data = tile_sets(DataConfig(kind="h5", root=str(tmp_path), mpp=0.972, val_fraction=0), 0.972, 32)
+    assert data.train.labels.tolist() == [0, 1, 0, 1, 1, 0] and data.classes == ["normal", "tumour"]
     with h5py.File(tmp_path / "train_y.h5", "w") as f:
         f["y"] = np.array([0, 1, 0, 1, 7, 0], np.uint8)
     with pytest.raises(DataError, match="train_y.h5: label 7 out of range"):
-        load_dataset(DataConfig(kind="h5", root=str(tmp_path), mpp=0.972), "classify", 0.972, 32)
+        tile_sets(DataConfig(kind="h5", root=str(tmp_path), mpp=0.972), 0.972, 32)
 
 
 # --- targets, augmentation, post-processing ---------------------------------------------------------------------

@@ -36,6 +36,8 @@ class DataConfig:
         kind: ``nuclei`` (``images/`` + ``labels/`` pairs), ``folder`` (one folder per class),
             ``csv`` (``path,label`` rows) or ``h5`` (PCam-style ``*_x.h5`` / ``*_y.h5``).
         root: the dataset folder (``csv``: the CSV file; ``h5``: the folder holding the pairs).
+        val_root: tiles (``folder`` / ``csv``): a second set of the same kind that is the whole
+            validation side (NCT-CRC's CRC-VAL-HE-7K); ``root`` is then all training.
         mpp: the images' micrometres per pixel (resampled to the model's ``mpp``).
         mpp_csv: instead of ``mpp``, a CSV with a per-image ``mpp`` (or ``mpp_nominal``) column.
         images, labels: sub-folders of ``root`` for ``nuclei``.
@@ -51,6 +53,7 @@ class DataConfig:
 
     kind: str = "nuclei"
     root: str = "../shared/data/nuclei/monuseg2018"
+    val_root: Optional[str] = None
     mpp: Optional[float] = None
     mpp_csv: Optional[str] = None
     images: str = "images"
@@ -108,6 +111,9 @@ class TrainConfig:
         out: run folder (metrics, ``last.pt`` with the full training state, ``best.pt`` for inference).
         seed: seeds the model, the crops and the augmentation: the same seed reproduces a run on one device.
         num_workers: DataLoader workers; ``amp``: autocast on CUDA; ``device``: auto, cpu, cuda, cuda:N.
+        channels_last: NHWC memory layout (faster convolutions on most devices); ``cpu_bf16``: bf16
+            autocast on the CPU (only faster with bf16 instructions); ``compile``: ``torch.compile``
+            the network (slow first steps, faster after). ``gmrpath benchmark train`` measures each.
         val_angles: rotations (degrees) at which validation is also scored each epoch.
         select: the validation metric that picks ``best.pt`` (higher is better), or ``last``: no
             selection, ``best.pt`` is the last epoch (the validation images then choose nothing).
@@ -143,6 +149,9 @@ class TrainConfig:
     targets: str = "aligned"
     postprocess: str = "tune"
     separation_weight: float = 0.0
+    channels_last: bool = True
+    cpu_bf16: bool = False
+    compile: bool = False
 
 
 _NESTED = {"data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
@@ -179,8 +188,9 @@ def _validate(cfg: TrainConfig, source: str) -> None:
             bad(key, "an int >= 0", v)
     if not _number(cfg.mpp):
         bad("mpp", "a positive number", cfg.mpp)
-    if not isinstance(cfg.amp, bool):
-        bad("amp", "true or false", cfg.amp)
+    for key in ("amp", "channels_last", "cpu_bf16", "compile"):
+        if not isinstance(getattr(cfg, key), bool):
+            bad(key, "true or false", getattr(cfg, key))
     if not isinstance(cfg.device, str):
         bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'", cfg.device)
     if not isinstance(cfg.model_kwargs, dict):
@@ -204,6 +214,8 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("data.mpp", "the images' micrometres per pixel (or set data.mpp_csv)", d.mpp)
     if d.mpp is not None and not _number(d.mpp):
         bad("data.mpp", "a positive number", d.mpp)
+    if d.val_root is not None and (d.kind not in ("folder", "csv") or not isinstance(d.val_root, str) or not d.val_root):
+        bad("data.val_root", "a folder (or CSV) of validation tiles, for data.kind folder or csv", d.val_root)
     if not (_number(d.val_fraction, positive=False) and d.val_fraction < 1):
         bad("data.val_fraction", "a number in [0, 1)", d.val_fraction)
     if d.classes is not None and (not isinstance(d.classes, list) or len(set(map(str, d.classes))) != len(d.classes)):
@@ -266,11 +278,11 @@ def load_train_config(path: str | Path, overrides: Optional[dict] = None, check_
     def resolve(p):
         return None if p is None else str(Path(p) if Path(p).is_absolute() else (base / p).resolve())
 
-    d = dataclasses.replace(cfg.data, root=resolve(cfg.data.root), split_csv=resolve(cfg.data.split_csv),
+    d = dataclasses.replace(cfg.data, root=resolve(cfg.data.root), val_root=resolve(cfg.data.val_root), split_csv=resolve(cfg.data.split_csv),
                             mpp_csv=resolve(cfg.data.mpp_csv))
     cfg = dataclasses.replace(cfg, data=d, out=resolve(cfg.out), init=resolve(cfg.init))
     if check_paths:
-        for key, p in (("data.root", d.root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv), ("init", cfg.init)):
+        for key, p in (("data.root", d.root), ("data.val_root", d.val_root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv), ("init", cfg.init)):
             if p is not None and not Path(p).exists():
                 raise TrainConfigError(f"{path}: {key} {p} does not exist")
     return cfg

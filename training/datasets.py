@@ -1,10 +1,10 @@
-"""Labelled datasets: nuclei image/mask pairs and classified tiles, resampled to the model's mpp.
+"""Labelled nuclei datasets (image/mask pairs), resampled to the model's mpp, and the image readers.
 
-Readers: ``nuclei`` (``images/<name>.png|tif`` + ``labels/<name>.tif|png``: instance masks,
-or 0/1 masks, which are split into connected components), ``folder`` (one folder per class),
-``csv`` (``path,label``), ``h5`` (PCam ``*_x.h5`` / ``*_y.h5``). Every image is resampled
-from the dataset's mpp to the model's, so training sees tissue at the scale slide inference
-does. Splits are by whole image (or patient group), never by crop. A file that cannot be
+``nuclei`` sets (``images/<name>.png|tif`` + ``labels/<name>.tif|png``: instance masks, or 0/1
+masks, which are split into connected components) are tens of images and are held in memory.
+Tile sets (``folder``, ``csv``, ``h5``) are far larger and stream: :mod:`training.tilesets`.
+Every image is resampled from the dataset's mpp to the model's, so training sees tissue at the
+scale slide inference does. Splits are by whole image (or patient group), never by crop. A file that cannot be
 read, an empty class folder, an image/mask size mismatch or a label out of range raises
 :class:`DataError` naming the file, unless ``skip_bad`` is set, which collects them instead.
 
@@ -30,7 +30,7 @@ from .config import DataConfig
 from .targets import resize_labels
 
 __all__ = ["DataError", "Sample", "LoadedData", "load_dataset", "resample_image", "resize_image", "split_names",
-           "IMAGE_EXTENSIONS"]
+           "read_image", "read_mask", "mpp_table", "group_of", "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -146,7 +146,7 @@ def resize_image(image: np.ndarray, size_hw: tuple[int, int]) -> np.ndarray:
     return cv2.resize(image, (w, h), interpolation=cv2.INTER_AREA if shrink else cv2.INTER_LINEAR)
 
 
-def _mpp_table(cfg: DataConfig) -> dict[str, float]:
+def mpp_table(cfg: DataConfig) -> dict[str, float]:
     if cfg.mpp_csv is None:
         return {}
     table = {}
@@ -203,7 +203,8 @@ def split_names(names: list[str], groups: dict[str, str], cfg: DataConfig) -> tu
     return set(names) - val, val
 
 
-def _group(cfg: DataConfig, name: str) -> str:
+def group_of(cfg: DataConfig, name: str) -> str:
+    """The patient group of an image name by ``cfg.group_regex`` (its first group), else the name itself."""
     if cfg.group_regex:
         m = re.search(cfg.group_regex, name)
         if m and m.groups():
@@ -229,7 +230,7 @@ def _load_nuclei(cfg: DataConfig, model_mpp: float, skip_bad: bool) -> tuple[lis
     if not images:
         raise DataError(f"{img_dir}: no images ({', '.join(IMAGE_EXTENSIONS)})")
     masks = {p.stem: p for p in lab_dir.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS}
-    table = _mpp_table(cfg)
+    table = mpp_table(cfg)
     samples, skipped, used = [], [], []
     for path in images:
         try:
@@ -245,116 +246,23 @@ def _load_nuclei(cfg: DataConfig, model_mpp: float, skip_bad: bool) -> tuple[lis
             skipped.append(str(err))
             continue
         small = resample_image(image, mpp, model_mpp)
-        samples.append(Sample(path.stem, small, _group(cfg, path.stem), labels=resize_labels(labels, small.shape[:2]),
+        samples.append(Sample(path.stem, small, group_of(cfg, path.stem), labels=resize_labels(labels, small.shape[:2]),
                               native_image=image, native_labels=labels, native_mpp=mpp))
         used += [path, masks[path.stem]]
     return samples, skipped, used
 
 
-def _tile_rows(cfg: DataConfig) -> tuple[list[tuple[Path, str]], list[str]]:
-    root = Path(cfg.root)
-    if cfg.kind == "folder":
-        folders = sorted(p for p in root.iterdir() if p.is_dir())
-        if not folders:
-            raise DataError(f"{root}: no class folders")
-        rows = []
-        for folder in folders:
-            files = sorted(p for p in folder.iterdir() if p.suffix.lower() in IMAGE_EXTENSIONS)
-            if not files:
-                raise DataError(f"{folder}: empty class folder (no {', '.join(IMAGE_EXTENSIONS)} files)")
-            rows += [(p, folder.name) for p in files]
-        return rows, [f.name for f in folders]
-    rows = []
-    with open(root, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh), start=2):
-            if not row.get("path") or row.get("label") in (None, ""):
-                raise DataError(f"{root}: line {i} needs columns path and label")
-            p = Path(row["path"])
-            rows.append((p if p.is_absolute() else root.parent / p, row["label"]))
-    if not rows:
-        raise DataError(f"{root}: no rows")
-    return rows, sorted({label for _, label in rows})
-
-
-def _load_tiles(cfg: DataConfig, model_mpp: float, tile_px: int, skip_bad: bool):
-    if cfg.kind == "h5":
-        return _load_h5(cfg, model_mpp, tile_px)
-    rows, found = _tile_rows(cfg)
-    classes = list(cfg.classes) if cfg.classes else found
-    index = {c: i for i, c in enumerate(classes)}
-    table = _mpp_table(cfg)
-    samples, skipped, used = [], [], []
-    for path, label in rows:
-        try:
-            if label not in index:
-                raise DataError(f"{path}: label {label!r} is not one of the classes {classes}")
-            image = read_image(path)
-            mpp = _image_mpp(cfg, table, path.stem, path)
-        except DataError as err:
-            if not skip_bad:
-                raise
-            skipped.append(str(err))
-            continue
-        samples.append(Sample(f"{label}/{path.stem}", _fit(resample_image(image, mpp, model_mpp), tile_px), _group(cfg, path.stem),
-                              label=index[label]))
-        used.append(path)
-    return samples, skipped, used, classes
-
-
-def _fit(image: np.ndarray, tile_px: int) -> np.ndarray:
-    """Centre crop (or reflect-pad) to ``tile_px`` square: the scale is kept, never stretched."""
-    h, w = image.shape[:2]
-    if h < tile_px or w < tile_px:
-        ph, pw = max(0, tile_px - h), max(0, tile_px - w)
-        image = np.pad(image, ((ph // 2, ph - ph // 2), (pw // 2, pw - pw // 2), (0, 0)), mode="reflect")
-        h, w = image.shape[:2]
-    y, x = (h - tile_px) // 2, (w - tile_px) // 2
-    return np.ascontiguousarray(image[y: y + tile_px, x: x + tile_px])
-
-
-def _load_h5(cfg: DataConfig, model_mpp: float, tile_px: int):
-    import h5py
-
-    root = Path(cfg.root)
-    pairs = sorted(root.glob("*_x.h5"))
-    if not pairs:
-        raise DataError(f"{root}: no *_x.h5 files")
-    classes = list(cfg.classes) if cfg.classes else ["normal", "tumour"]
-    samples, used = [], []
-    for xp in pairs:
-        yp = xp.with_name(xp.name[: -len("_x.h5")] + "_y.h5")
-        if not yp.is_file():
-            raise DataError(f"{xp}: no matching {yp.name}")
-        try:
-            with h5py.File(xp, "r") as fx, h5py.File(yp, "r") as fy:
-                x, y = np.asarray(fx["x"]), np.asarray(fy["y"]).reshape(-1)
-        except Exception as err:  # noqa: BLE001
-            raise DataError(f"{xp}: cannot read the 'x'/'y' datasets ({type(err).__name__}: {err})") from None
-        if len(x) != len(y):
-            raise DataError(f"{yp}: {len(y)} labels for {len(x)} images in {xp.name}")
-        if y.min() < 0 or y.max() >= len(classes):
-            raise DataError(f"{yp}: label {int(y.max() if y.max() >= len(classes) else y.min())} out of range for {len(classes)} classes")
-        samples += [Sample(f"{xp.stem}/{i}", _fit(resample_image(x[i], cfg.mpp, model_mpp), tile_px), f"{xp.stem}/{i}",
-                           label=int(y[i])) for i in range(len(x))]
-        used += [xp, yp]
-    return samples, [], used, classes
-
-
-def load_dataset(cfg: DataConfig, task: str, model_mpp: float, tile_px: int, skip_bad: bool = False) -> LoadedData:
-    """Read, resample and split a dataset.
+def load_dataset(cfg: DataConfig, task: str, model_mpp: float, tile_px: int = 0, skip_bad: bool = False) -> LoadedData:
+    """Read, resample and split a nuclei dataset (images and masks in memory: tens of images).
 
     Raises:
         DataError: naming the first bad file (unless ``skip_bad``), or when nothing is left.
     """
-    if task == "segment":
-        if cfg.kind != "nuclei":
-            raise DataError(f"{cfg.root}: task segment needs data.kind nuclei, got {cfg.kind!r}")
-        samples, skipped, used = _load_nuclei(cfg, model_mpp, skip_bad)
-        classes = ["nucleus"]
-    else:
-        if cfg.kind == "nuclei":
-            raise DataError(f"{cfg.root}: task classify needs data.kind folder, csv or h5")
-        samples, skipped, used, classes = _load_tiles(cfg, model_mpp, tile_px, skip_bad)
+    if task != "segment" or cfg.kind != "nuclei":
+        raise DataError(f"{cfg.root}: load_dataset reads nuclei sets (task segment, data.kind nuclei); "
+                        "tile sets stream through training.tilesets.tile_sets")
+    samples, skipped, used = _load_nuclei(cfg, model_mpp, skip_bad)
+    classes = ["nucleus"]
     if not samples:
         raise DataError(f"{cfg.root}: no usable samples" + (f" ({len(skipped)} skipped)" if skipped else ""))
     train, val = split_names([s.name for s in samples], {s.name: s.group for s in samples}, cfg)

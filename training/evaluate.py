@@ -28,10 +28,11 @@ from pipeline.models import ModelError, load_model
 from pipeline.config import ModelSpec
 
 from .config import DataConfig
-from .datasets import load_dataset
+from .datasets import DataError, load_dataset
 from .metrics import classification_scores, segmentation_scores, semantic_scores
 from .protocol import central_disc, evaluate_nuclei_image, nuclei_probability, rotate_image
 from .records import write_rows
+from .tilesets import tile_split, worker_error
 
 __all__ = ["evaluate", "CLASSICAL"]
 
@@ -49,26 +50,36 @@ def _load(name: str, task: str):
     return loaded
 
 
-def _classify(loaded, samples, angles, device, batch_size: int = 32) -> list[dict]:
+def _classify(loaded, tiles, angles, device, batch_size: int = 64, workers: int = 0,
+              log: Callable[[str], None] = print) -> list[dict]:
+    """Every view (rotations, then the two flips) of every tile, streamed: each batch is decoded
+    once and scored in all views, so a set of any size needs memory for one batch only."""
     from pipeline.infer import predict_batch
 
     n_classes = len(loaded.spec.classes)
-    labels = np.array([s.label for s in samples])
-    if labels.max() >= n_classes:
-        raise ModelError(f"{loaded.spec.model}: has {n_classes} classes; the data has label {labels.max()}")
-    if any(s.image.shape[0] != loaded.spec.tile_px for s in samples):
-        raise ModelError(f"{loaded.spec.model}: expects {loaded.spec.tile_px} px tiles; the data is loaded at another size")
+    if int(tiles.labels.max()) >= n_classes:
+        raise ModelError(f"{loaded.spec.model}: has {n_classes} classes; the data has label {int(tiles.labels.max())}")
     views = [("angle", float(a), lambda im, a=a: rotate_image(im, a)) for a in angles]
     views += [("flip", "horizontal", lambda im: np.ascontiguousarray(im[:, ::-1])),
               ("flip", "vertical", lambda im: np.ascontiguousarray(im[::-1]))]
-    rows = []
-    for kind, value, fn in views:
-        probs = []
-        for i in range(0, len(samples), batch_size):
-            tiles = torch.from_numpy(np.stack([fn(s.image) for s in samples[i: i + batch_size]]))
-            probs.append(predict_batch(loaded, tiles, device, "none", True).numpy())
-        rows.append({"view": kind, "value": value, **classification_scores(np.concatenate(probs), labels, n_classes)})
-    return rows
+    loader = torch.utils.data.DataLoader(tiles.view(raw=True), batch_size=batch_size, num_workers=workers)
+    probs: list[list] = [[] for _ in views]
+    labels, done, step = [], 0, max(1, len(tiles) // 10)
+    try:
+        for batch, y, _ in loader:
+            images = batch.numpy()
+            for k, (_, _, fn) in enumerate(views):
+                tile_batch = torch.from_numpy(np.stack([fn(im) for im in images]))
+                probs[k].append(predict_batch(loaded, tile_batch, device, "none", True).numpy())
+            labels.append(y.numpy())
+            done += len(y)
+            if done // step != (done - len(y)) // step or done == len(tiles):
+                log(f"  {name_of(loaded)}: {done}/{len(tiles)} tiles x {len(views)} views")
+    except DataError as err:
+        raise DataError(worker_error(err)) from None
+    labels = np.concatenate(labels)
+    return [{"view": kind, "value": value, **classification_scores(np.concatenate(p), labels, n_classes)}
+            for (kind, value, _), p in zip(views, probs)]
 
 
 def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print, semantic: bool = False) -> list[dict]:
@@ -130,17 +141,20 @@ def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:
 
 def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task: Optional[str] = None,
              angles: Optional[Sequence[float]] = None, split: str = "all", device: str = "auto",
-             log: Callable[[str], None] = print, images: Optional[Sequence[str]] = None, limit: Optional[int] = None) -> dict:
+             log: Callable[[str], None] = print, images: Optional[Sequence[str]] = None, limit: Optional[int] = None,
+             workers: int = 0) -> dict:
     """Score checkpoints (and/or ``classical``) on a dataset, upright and rotated.
 
     Args:
         models: checkpoint paths, or ``classical``.
         data_cfg: the dataset (``kind``, ``root``, ``mpp``...); with ``split`` ``val`` or
-            ``train`` only that side of its split is scored, with ``all`` every image.
+            ``train`` only that side of its split is scored, with ``all`` every image, with
+            ``test`` PCam's test file. Tile sets stream (any size).
         out: folder for ``evaluation.json``, ``evaluation.csv`` and ``polar.png``.
         angles: degrees; default every 10 (classify) or 30 (segment) from 0 to 350.
         images: score only the images whose names match one of these shell patterns (``*_03``).
-        limit: score at most this many images (the first, by name).
+        limit: score at most this many images (the first, by name) or tiles.
+        workers: DataLoader workers decoding tiles.
 
     Raises:
         ModelError: a checkpoint that cannot be read or does not fit the data.
@@ -164,28 +178,37 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         raise ModelError("checkpoints evaluated side by side on tiles must share mpp and tile size")
     import dataclasses
 
-    data = load_dataset(dataclasses.replace(data_cfg, val_fraction=data_cfg.val_fraction if split != "all" else 0.0,
-                                            split_csv=data_cfg.split_csv if split != "all" else None), model_task, mpp, tile_px)
-    samples = sorted({"all": data.train + data.val, "train": data.train, "val": data.val}[split], key=lambda s: s.name)
-    if images:
-        import fnmatch
+    if task == "classify":
+        tiles, classes, digest = tile_split(data_cfg, split, mpp, tile_px, log=log)
+        if limit:
+            tiles = tiles.subset(np.arange(min(limit, len(tiles))))
+        n = len(tiles)
+    else:
+        if split == "test":
+            raise ValueError("--split test is for PCam's *_test_x.h5; nuclei sets split into train and val")
+        data = load_dataset(dataclasses.replace(data_cfg, val_fraction=data_cfg.val_fraction if split != "all" else 0.0,
+                                                split_csv=data_cfg.split_csv if split != "all" else None), model_task, mpp, tile_px)
+        samples = sorted({"all": data.train + data.val, "train": data.train, "val": data.val}[split], key=lambda s: s.name)
+        if images:
+            import fnmatch
 
-        samples = [s for s in samples if any(fnmatch.fnmatchcase(s.name, p) or s.name == Path(p).stem for p in images)]
-    samples = samples[:limit] if limit else samples
-    if not samples:
-        raise ValueError(f"{data_cfg.root}: no image to score (split {split!r}" + (f", images {list(images)}" if images else "") + ")")
+            samples = [s for s in samples if any(fnmatch.fnmatchcase(s.name, p) or s.name == Path(p).stem for p in images)]
+        samples = samples[:limit] if limit else samples
+        if not samples:
+            raise ValueError(f"{data_cfg.root}: no image to score (split {split!r}" + (f", images {list(images)}" if images else "") + ")")
+        classes, digest, n = data.classes, data.digest, len(samples)
     if angles is None:
         angles = list(range(0, 360, 10 if task == "classify" else 30))
-    metrics = ["accuracy", "balanced_accuracy"] + (["auc"] if task == "classify" and len(data.classes) == 2 else []) \
+    metrics = ["accuracy", "balanced_accuracy"] + (["auc"] if task == "classify" and len(classes) == 2 else []) \
         if task == "classify" else ["dice", "aji", "pq"] if task == "segment" else ["auc", "iou", "dice"]
-    report = {"task": task, "data": str(data_cfg.root), "split": split, "n": len(samples), "angles": list(angles),
-              "dataset_digest": data.digest, "models": {}}
+    report = {"task": task, "data": str(data_cfg.root), "split": split, "n": n, "angles": list(angles),
+              "dataset_digest": digest, "models": {}}
     all_rows = []
     for name, m in loaded.items():
-        log(f"evaluating {name} on {len(samples)} {'tiles' if task == 'classify' else 'images'}")
+        log(f"evaluating {name} on {n} {'tiles' if task == 'classify' else 'images'}")
         if m is not None:
             prepare_model(m, dev)
-        rows = _classify(m, samples, angles, dev) if task == "classify" else \
+        rows = _classify(m, tiles, angles, dev, workers=workers, log=log) if task == "classify" else \
             _nuclei(m, samples, angles, dev, log, semantic=task == "semantic")
         report["models"][name] = _summarise(rows, metrics)
         all_rows += [{"model": name, **r} for r in rows]

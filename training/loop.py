@@ -36,10 +36,11 @@ from pipeline.models import save_checkpoint, state_mismatch
 
 from .augment import build_augment
 from .config import TrainConfig, config_dict
-from .datasets import LoadedData, load_dataset
+from .datasets import DataError, LoadedData, load_dataset
 from .protocol import MEAN, STD, TUNE_FG, TUNE_H, evaluate_nuclei_image, tune_postprocess
 from .records import atomic_save, code_version, write_rows
-from .samples import NucleiCrops, TileSamples
+from .samples import NucleiCrops
+from .tilesets import tile_sets, worker_error
 
 __all__ = ["train", "TRAIN_STATE_FORMAT", "segment_loss", "loss_warning"]
 
@@ -61,10 +62,34 @@ def _device(name: str, local_rank: int) -> torch.device:
     return dev
 
 
-def _autocast(device: torch.device, amp: bool):
+def _autocast(device: torch.device, amp: bool, cpu_bf16: bool = False):
+    """Mixed precision: bf16 (else fp16) autocast on CUDA with ``amp``; bf16 on the CPU only with ``cpu_bf16``
+    (faster only on processors with bf16 instructions: ``gmrpath benchmark train`` tells)."""
     if amp and device.type == "cuda":
         return torch.autocast("cuda", dtype=torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16)
+    if cpu_bf16 and device.type == "cpu":
+        return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
+
+
+def _batches(loader, bad: list):
+    """``(x, y)`` batches; tiles a worker marked bad (``skip_bad``) are dropped and their messages added
+    to ``bad``; a bad file (without ``skip_bad``) stops the run with one line naming it."""
+    try:
+        for batch in loader:
+            if len(batch) == 3:
+                x, y, errors = batch
+                if any(errors):
+                    bad += [e for e in errors if e and e not in bad]
+                    keep = y >= 0
+                    x, y = x[keep], y[keep]
+                if not len(y):
+                    continue
+                yield x, y
+            else:
+                yield batch
+    except DataError as err:
+        raise DataError(worker_error(err)) from None
 
 
 def segment_loss(logits: torch.Tensor, target: torch.Tensor, separation_weight: float = 0.0) -> torch.Tensor:
@@ -112,14 +137,15 @@ def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dic
     return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
 
 
-def _validate_classify(module, loader, device, n_classes: int, amp: bool) -> dict:
+def _validate_classify(module, loader, device, n_classes: int, amp: bool, bad: list, channels_last: bool = True) -> dict:
     from .metrics import classification_scores
 
     freeze_kernels(module.eval())
     probs, labels, loss = [], [], 0.0
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
     with torch.no_grad(), _autocast(device, amp):
-        for x, y in loader:
-            logits = module(x.to(device).contiguous(memory_format=torch.channels_last)).float()
+        for x, y in _batches(loader, bad):
+            logits = module(x.to(device).contiguous(memory_format=fmt)).float()
             loss += float(F.cross_entropy(logits, y.to(device), reduction="sum"))
             probs.append(logits.softmax(1).cpu().numpy())
             labels.append(y.numpy())
@@ -164,6 +190,19 @@ def _config_changes(stored: dict, current: dict, prefix: str = "") -> list[str]:
     return out
 
 
+def _write_skipped(out: Path, bad: list[str], log) -> None:
+    """List the tiles ``skip_bad`` dropped (``skipped.txt``), and say so once per new one."""
+    path = out / "skipped.txt"
+    known = set(path.read_text().splitlines()) if path.is_file() else set()
+    new = [b for b in bad if b not in known]
+    for line in new:
+        log(f"skipped: {line}")
+    if new:
+        tmp = path.with_name(".skipped.txt.tmp")
+        tmp.write_text("\n".join(sorted(known | set(new))) + "\n")
+        tmp.replace(path)
+
+
 def _write_metrics(out: Path, history: list[dict]) -> None:
     write_rows(history, out / "metrics.csv")
 
@@ -195,26 +234,31 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
     if device.type == "cuda":
         torch.cuda.set_device(device)
     out = Path(cfg.out)
-    data = load_dataset(cfg.data, cfg.task, cfg.mpp, cfg.tile_px, skip_bad)
+    quiet = log if rank == 0 else (lambda _: None)
+    data = load_dataset(cfg.data, cfg.task, cfg.mpp, cfg.tile_px, skip_bad) if cfg.task == "segment" else \
+        tile_sets(cfg.data, cfg.mpp, cfg.tile_px, skip_bad, log=quiet)
     out.mkdir(parents=True, exist_ok=True)  # after the data: a run that cannot start leaves no folder
-    if rank == 0:
-        for line in data.skipped:
-            log(f"skipped: {line}")
-        log(f"data: {len(data.train)} train / {len(data.val)} val images, classes {data.classes}, digest {data.digest}")
+    for line in data.skipped:
+        quiet(f"skipped: {line}")
+    what = "images" if cfg.task == "segment" else "tiles"
+    quiet(f"data: {len(data.train)} train / {len(data.val) if data.val else 0} val {what}, classes {data.classes}, digest {data.digest}")
     if not data.train:
         raise ValueError(f"{cfg.data.root}: the split leaves no training images")
     out_key = "out_channels" if cfg.task == "segment" else "num_classes"
     n_out = 2 if cfg.task == "segment" else len(data.classes)
     model_kwargs = {**cfg.model_kwargs, out_key: n_out}
     torch.manual_seed(cfg.seed)
-    module = create_model(cfg.model, **model_kwargs).to(device).to(memory_format=torch.channels_last)
+    fmt = torch.channels_last if cfg.channels_last else torch.contiguous_format
+    module = create_model(cfg.model, **model_kwargs).to(device).to(memory_format=fmt)
     augment = build_augment(cfg.augment)
+    bad: list[str] = []  # tiles found unreadable mid-run (skip_bad)
     if cfg.task == "segment":
         train_set = NucleiCrops(data.train, cfg.tile_px, cfg.samples_per_epoch, augment, cfg.seed, MEAN, STD,
                                 cfg.targets == "aligned")
     else:
-        train_set = TileSamples(data.train, augment, cfg.seed, MEAN, STD)
-        val_loader = torch.utils.data.DataLoader(TileSamples(data.val, None, cfg.seed, MEAN, STD), batch_size=cfg.batch_size)
+        train_set = data.train.view(augment, cfg.seed, MEAN, STD)
+        val_loader = torch.utils.data.DataLoader(data.val.view(None, cfg.seed, MEAN, STD), batch_size=cfg.batch_size,
+                                                 num_workers=cfg.num_workers, pin_memory=device.type == "cuda") if data.val else None
     sampler = torch.utils.data.DistributedSampler(train_set, world, rank, shuffle=True, seed=cfg.seed) if world > 1 else None
     loader = torch.utils.data.DataLoader(
         train_set, batch_size=cfg.batch_size, sampler=sampler, shuffle=sampler is None and cfg.task == "classify",
@@ -229,6 +273,8 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
     use_fp16 = cfg.amp and device.type == "cuda" and not torch.cuda.is_bf16_supported()
     scaler = torch.amp.GradScaler("cuda", enabled=use_fp16)
     net = torch.nn.parallel.DistributedDataParallel(module, device_ids=[device.index] if device.type == "cuda" else None) if world > 1 else module
+    if cfg.compile:
+        net = torch.compile(net)
 
     start_epoch, history, best, best_epoch = 0, [], -math.inf, -1
     state_path = out / "last.pt"
@@ -267,10 +313,10 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
             loader.generator.manual_seed(cfg.seed * 1000 + epoch)
         net.train()
         total, count, lr_used = 0.0, 0, optimizer.param_groups[0]["lr"]
-        for step, (x, y) in enumerate(loader):
-            x = x.to(device, non_blocking=True).contiguous(memory_format=torch.channels_last)
+        for step, (x, y) in enumerate(_batches(loader, bad)):
+            x = x.to(device, non_blocking=True).contiguous(memory_format=fmt)
             y = y.to(device, non_blocking=True)
-            with _autocast(device, cfg.amp):
+            with _autocast(device, cfg.amp, cfg.cpu_bf16):
                 loss = loss_fn(net(x).float(), y)
             optimizer.zero_grad(set_to_none=True)
             scaler.scale(loss).backward()
@@ -290,7 +336,9 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
             row["train_s"] = round(time.perf_counter() - t0, 1)
             if data.val:
                 row.update(_validate_segment(module, data, cfg, device) if cfg.task == "segment"
-                           else _validate_classify(module, val_loader, device, len(data.classes), cfg.amp))
+                           else _validate_classify(module, val_loader, device, len(data.classes), cfg.amp, bad, cfg.channels_last))
+            if bad:
+                _write_skipped(out, bad, log)
             row["epoch_s"] = round(time.perf_counter() - t0, 1)
             warning = loss_warning(row)
             if warning:
@@ -347,11 +395,12 @@ def _tune_best(path: Path, data: LoadedData, cfg: TrainConfig, device, log) -> d
 
 
 def _save_inference(module, cfg: TrainConfig, data: LoadedData, model_kwargs: dict, path: Path, epoch: int, row: dict) -> None:
-    meta = {
-        "task": cfg.task, "epoch": epoch, "dataset_digest": data.digest, "code_version": code_version(),
-        "train_images": sorted(s.name for s in data.train), "val_images": sorted(s.name for s in data.val),
-        "val_metrics": {k: v for k, v in row.items() if k.startswith("val_")},
-    }
+    meta = {"task": cfg.task, "epoch": epoch, "dataset_digest": data.digest, "code_version": code_version(),
+            "val_metrics": {k: v for k, v in row.items() if k.startswith("val_")}}
+    if cfg.task == "segment":
+        meta.update(train_images=sorted(s.name for s in data.train), val_images=sorted(s.name for s in data.val))
+    else:  # tile sets are too large to list: their sizes and digest identify them
+        meta.update(train_tiles=len(data.train), val_tiles=len(data.val) if data.val else 0, data_root=Path(cfg.data.root).name)
     if cfg.init:
         meta["init"] = Path(cfg.init).name
     if cfg.task == "segment":
