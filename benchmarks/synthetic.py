@@ -17,7 +17,7 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["write_pyramidal_tiff", "mosaic_tiff", "read_demo_tissue", "tissue_tiles", "write_tile_folder", "write_pcam_h5",
+__all__ = ["demo_slide_path", "write_pyramidal_tiff", "mosaic_tiff", "read_demo_tissue", "tissue_tiles", "write_tile_folder", "write_pcam_h5",
            "NCT_CRC_CLASSES"]
 
 NCT_CRC_CLASSES = ("ADI", "BACK", "DEB", "LYM", "MUC", "MUS", "NORM", "STR", "TUM")
@@ -47,6 +47,13 @@ def write_pyramidal_tiff(path: str | Path, image: np.ndarray, mpp: Optional[floa
             tif.write(level, tile=(tile, tile), photometric="rgb", compression=compression,
                       subfiletype=1 if i else 0, **({} if i else kwargs))
     return path
+
+
+def demo_slide_path() -> Path:
+    """The real demo slide: ``../shared/data/slides`` beside the repository when there, else the copy that ships."""
+    repo = Path(__file__).resolve().parents[1]
+    shared = repo.parent / "shared" / "data" / "slides" / "CMU-1-Small-Region.svs"
+    return shared if shared.is_file() else repo / "data" / "demo" / "CMU-1-Small-Region.svs"
 
 
 def read_demo_tissue(slide_path: str | Path) -> np.ndarray:

@@ -21,7 +21,7 @@ import torch
 
 from .common import device_name, interleaved_best_ms, peak_memory_mb
 
-__all__ = ["run_training_benchmark", "PAIRS"]
+__all__ = ["run_training_benchmark", "run_options_benchmark", "PAIRS", "OPTIONS"]
 
 PAIRS = {
     "classifier": (("gmr_resnet18", "resnet18"), {"num_classes": 8, "base_channels": 16, "kernel_sizes": (9, 9, 5, 5)}, 144, 16),
@@ -29,23 +29,25 @@ PAIRS = {
 }
 
 
-def _step_fn(name, kwargs, tile, batch, device, amp):
+def _step_fn(name, kwargs, tile, batch, device, amp, channels_last: bool = True, cpu_bf16: bool = False,
+             compile: bool = False):
     from gmr_models import create_model
 
-    from training.loop import segment_loss
+    from training.loop import _autocast, segment_loss
 
     torch.manual_seed(0)
-    net = create_model(name, **kwargs).to(device).to(memory_format=torch.channels_last).train()
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    net = create_model(name, **kwargs).to(device).to(memory_format=fmt).train()
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
-    x = torch.randn(batch, 3, tile, tile, device=device).contiguous(memory_format=torch.channels_last)
+    run = torch.compile(net) if compile else net
+    x = torch.randn(batch, 3, tile, tile, device=device).contiguous(memory_format=fmt)
     seg = "out_channels" in kwargs
     y = torch.rand(batch, 2, tile, tile, device=device) if seg else torch.randint(0, kwargs["num_classes"], (batch,), device=device)
     loss_fn = segment_loss if seg else torch.nn.functional.cross_entropy
-    use_amp = amp and device.type == "cuda"
 
     def step():
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            loss = loss_fn(net(x).float(), y)
+        with _autocast(device, amp, cpu_bf16):
+            loss = loss_fn(run(x).float(), y)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -76,6 +78,34 @@ def _loader_rate(kind: str, batches: int, workers: int) -> float:
     for _ in range(batches):
         n += len(next(it)[0])
     return n / (time.perf_counter() - start)
+
+
+OPTIONS = {  # the training config's speed options, each alone against the default (channels-last, fp32 on CPU)
+    "default": {},
+    "contiguous": {"channels_last": False},
+    "cpu_bf16": {"cpu_bf16": True},
+    "compile": {"compile": True},
+}
+
+
+def run_options_benchmark(device: str = "auto", repeats: int = 3, options=("default", "contiguous", "cpu_bf16", "compile"),
+                          progress: Optional[callable] = None) -> dict:
+    """Step time of the classifier pair's GMR network under each training option, in one interleaved run
+    (``compile`` compiles during its warm-up step, which is not timed)."""
+    from pipeline.runtime import resolve_device
+
+    dev = resolve_device(device)
+    unknown = set(options) - set(OPTIONS)
+    if unknown:
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; choose from {sorted(OPTIONS)}")
+    (name, _), kwargs, tile, batch = PAIRS["classifier"]
+    if progress:
+        progress(f"options: {', '.join(options)} on {name}")
+    fns = {o: _step_fn(name, kwargs, tile, batch, dev, True, **{"channels_last": True, **OPTIONS[o]}) for o in options}
+    best = interleaved_best_ms(fns, dev, repeats, warmup=1)
+    base = best.get("default", next(iter(best.values())))
+    return {"device": device_name(dev), "model": name, "tile_px": tile, "batch": batch,
+            "options": {o: {"step_ms": round(best[o], 1), "speed_vs_default": round(base / best[o], 3)} for o in options}}
 
 
 def run_training_benchmark(device: str = "auto", repeats: int = 3, workers: int = 1, memory: bool = True,

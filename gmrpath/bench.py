@@ -259,14 +259,23 @@ def bench_train(
     repeats: int = _repeats(3, "Interleaved rounds; the best is reported."),
     workers: int = typer.Option(1, min=0, help="DataLoader workers for the loader-alone rate."),
     memory: bool = typer.Option(True, help="Also measure peak memory of a step."),
+    options: str = typer.Option("default,contiguous,cpu_bf16", help="Training options timed against each other on "
+                                "gmr_resnet18 (benchmarks.training.OPTIONS: default, contiguous, cpu_bf16, compile); '' for none."),
     out: Path = _json_out("benchmark_train"),
 ) -> None:
-    """Training step images/s and peak memory, GMR vs ordinary convolutions, and the data loader alone."""
+    """Training step images/s and peak memory, GMR vs ordinary convolutions, the data loader alone, and the
+    speed options (channels-last, bf16 on the CPU, torch.compile)."""
     from benchmarks.common import write_json
-    from benchmarks.training import run_training_benchmark
+    from benchmarks.training import run_options_benchmark, run_training_benchmark
 
-    with console.status("benchmarking training") as status:
-        result = run_training_benchmark(device, repeats, workers, memory, progress=status.update)
+    chosen = [o.strip() for o in options.split(",") if o.strip()]
+    try:
+        with console.status("benchmarking training") as status:
+            result = run_training_benchmark(device, repeats, workers, memory, progress=status.update)
+            if chosen:
+                result["options"] = run_options_benchmark(device, repeats, chosen, progress=status.update)
+    except ValueError as err:
+        fail(err)
     table = Table(title=f"training step, {result['device']}, best of {repeats}")
     for col in ("task", "model", "images/s", "step ms", "peak MiB", "loader alone images/s"):
         table.add_column(col)
@@ -276,6 +285,54 @@ def bench_train(
                 table.add_row(task, name, f"{r['images_per_s']:.2f}", f"{r['step_ms']:.0f}", str(r.get("peak_memory_mib", "")),
                               str(result["loader_images_per_s"][task]))
     Console(width=160).print(table)
+    if chosen:
+        opt = result["options"]
+        table = Table(title=f"training options, {opt['model']} {opt['batch']} x {opt['tile_px']} px, {result['device']}")
+        for col in ("option", "step ms", "speed vs default"):
+            table.add_column(col)
+        for name, r in opt["options"].items():
+            table.add_row(name, f"{r['step_ms']:.0f}", f"{r['speed_vs_default']:.2f}x")
+        Console(width=160).print(table)
+    console.print(f"wrote {write_json(out, result)}")
+
+
+@app.command("data")
+def bench_data(
+    root: Path = typer.Option(Path("results/benchmarks/data_sets"), help="Where the synthetic sets are written once and reused."),
+    nct_sizes: str = typer.Option("1000,10000,50000", help="NCT-CRC-shaped set sizes (224 px TIFF files); '' to skip."),
+    pcam_sizes: str = typer.Option("4096,32768,262144", help="PCam-shaped HDF5 sizes (96 px rows); '' to skip."),
+    workers: int = typer.Option(2, min=0, help="DataLoader workers (as a training config's num_workers)."),
+    batches: int = typer.Option(20, min=1, help="Batches timed per set after the first."),
+    step: bool = typer.Option(True, help="Also time one training step of the paper's gmr_resnet18 at the paper's batch."),
+    base_channels: int = typer.Option(64, min=1, help="Width of that gmr_resnet18 (64: the paper's)."),
+    device: str = DeviceOpt,
+    out: Path = _json_out("benchmark_data"),
+) -> None:
+    """The tile loaders alone on sets of the real sizes: start-up s, peak memory, items/s, against a training step."""
+    from benchmarks.common import write_json
+    from benchmarks.data import run_data_benchmark
+
+    sizes = {k: ints(v, f"{k}-sizes") for k, v in (("nct_crc", nct_sizes), ("pcam", pcam_sizes)) if v.strip()}
+    if not sizes:
+        raise typer.BadParameter("give at least one of --nct-sizes / --pcam-sizes")
+    try:
+        with console.status("benchmarking the tile loaders") as status:
+            result = run_data_benchmark(root, sizes, workers, batches, step, device, base_channels=base_channels,
+                                        progress=lambda s: (console.print(s), status.update(s)))
+    except (ValueError, RuntimeError) as err:
+        fail(err)
+    table = Table(title=f"tile loaders alone, {workers} workers, {result['device']}")
+    for col in ("layout", "tiles", "index s", "start-up s", "peak RSS MiB", "items/s", "train step images/s"):
+        table.add_column(col, justify="right")
+    for layout, entry in result["layouts"].items():
+        for n, r in entry["sizes"].items():
+            table.add_row(layout, n, f"{r['index_s']:.2f}", f"{r['startup_s']:.2f}", f"{r['peak_rss_mib']:.0f}", f"{r['items_per_s']:.0f}",
+                          f"{entry['train_step']['images_per_s']:.1f}" if "train_step" in entry else "-")
+    Console(width=160).print(table)
+    for layout, entry in result["layouts"].items():
+        console.print(f"{layout}: start-up at most {entry['startup_s_max']:.2f} s; memory {entry['memory_growth']:+.1%} from the "
+                      f"smallest to the largest" + (f"; slowest loader / training step = {entry['loader_vs_step']:.2f}x"
+                                                     if "loader_vs_step" in entry else ""))
     console.print(f"wrote {write_json(out, result)}")
 
 

@@ -9,7 +9,6 @@ import json
 import os
 from pathlib import Path
 
-import numpy as np
 import pytest
 import torch
 import yaml
@@ -206,3 +205,6 @@ def test_paper_recipes_are_the_papers_settings(config):
     strip = lambda c: {k: v for k, v in dataclasses.asdict(c).items() if k not in ("model", "model_kwargs", "out")}  # noqa: E731
     assert strip(cfg) == strip(twin)
     assert os.path.basename(cfg.data.root) == ("NCT-CRC-HE-100K" if nct else "pcam")
+    # --set model_kwargs.base_channels=8 narrows the network and keeps its kernels
+    narrow = load_train_config(f"configs/{config}.yaml", {"model_kwargs": {"base_channels": 8}}, check_paths=False)
+    assert narrow.model_kwargs == {**cfg.model_kwargs, "base_channels": 8}

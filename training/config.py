@@ -244,7 +244,8 @@ def _validate(cfg: TrainConfig, source: str) -> None:
 def _merge(base: dict, over: dict) -> dict:
     out = dict(base)
     for k, v in over.items():
-        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and k in _NESTED else v
+        nested = k in _NESTED or k == "model_kwargs"  # --set model_kwargs.base_channels=8 keeps the other kwargs
+        out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) and nested else v
     return out
 
 
