@@ -30,7 +30,7 @@ PAIRS = {
 
 
 def _step_fn(name, kwargs, tile, batch, device, amp, channels_last: bool = True, cpu_bf16: bool = False,
-             compile: bool = False):
+             compile: bool = False, impl: str = "auto"):
     from gmr_models import create_model
 
     from training.loop import _autocast, segment_loss
@@ -38,6 +38,12 @@ def _step_fn(name, kwargs, tile, batch, device, amp, channels_last: bool = True,
     torch.manual_seed(0)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     net = create_model(name, **kwargs).to(device).to(memory_format=fmt).train()
+    if impl != "auto":  # every GMR layer on one path (the "auto" cost model's alternatives)
+        from gmr_models.layers import GMRConv
+
+        for m in net.modules():
+            if isinstance(m, GMRConv):
+                m.impl = impl
     opt = torch.optim.SGD(net.parameters(), lr=1e-3, momentum=0.9)
     run = torch.compile(net) if compile else net
     x = torch.randn(batch, 3, tile, tile, device=device).contiguous(memory_format=fmt)
@@ -85,26 +91,42 @@ OPTIONS = {  # the training config's speed options, each alone against the defau
     "contiguous": {"channels_last": False},
     "cpu_bf16": {"cpu_bf16": True},
     "compile": {"compile": True},
+    "dense_path": {"impl": "dense"},
+    "ring_path": {"impl": "rings"},
 }
 
 
 def run_options_benchmark(device: str = "auto", repeats: int = 3, options=("default", "contiguous", "cpu_bf16", "compile"),
-                          progress: Optional[callable] = None) -> dict:
+                          progress: Optional[callable] = None, size: Optional[tuple[int, int, int]] = None) -> dict:
     """Step time of the classifier pair's GMR network under each training option, in one interleaved run
-    (``compile`` compiles during its warm-up step, which is not timed)."""
+    (``compile`` compiles during its warm-up step, which is not timed). ``dense_path`` / ``ring_path``
+    put every GMR layer on one path instead of the ``auto`` cost model's choice.
+
+    Args:
+        size: ``(base_channels, tile_px, batch)`` instead of the pair's (e.g. ``(64, 224, 24)``: the
+            paper's NCT-CRC network and batch).
+    """
     from pipeline.runtime import resolve_device
 
     dev = resolve_device(device)
-    unknown = set(options) - set(OPTIONS)
+    unknown = {part for o in options for part in o.split("+")} - set(OPTIONS)
     if unknown:
-        raise ValueError(f"unknown option(s) {sorted(unknown)}; choose from {sorted(OPTIONS)}")
+        raise ValueError(f"unknown option(s) {sorted(unknown)}; choose from {sorted(OPTIONS)} (combine with '+')")
     (name, _), kwargs, tile, batch = PAIRS["classifier"]
+    if size is not None:
+        kwargs, tile, batch = {**kwargs, "base_channels": size[0]}, size[1], size[2]
     if progress:
         progress(f"options: {', '.join(options)} on {name}")
-    fns = {o: _step_fn(name, kwargs, tile, batch, dev, True, **{"channels_last": True, **OPTIONS[o]}) for o in options}
+    def settings(option: str) -> dict:  # "contiguous+dense_path": both
+        out = {"channels_last": True}
+        for part in option.split("+"):
+            out.update(OPTIONS[part])
+        return out
+
+    fns = {o: _step_fn(name, kwargs, tile, batch, dev, True, **settings(o)) for o in options}
     best = interleaved_best_ms(fns, dev, repeats, warmup=1)
     base = best.get("default", next(iter(best.values())))
-    return {"device": device_name(dev), "model": name, "tile_px": tile, "batch": batch,
+    return {"device": device_name(dev), "model": name, "base_channels": kwargs["base_channels"], "tile_px": tile, "batch": batch,
             "options": {o: {"step_ms": round(best[o], 1), "speed_vs_default": round(base / best[o], 3)} for o in options}}
 
 

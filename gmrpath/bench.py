@@ -260,7 +260,10 @@ def bench_train(
     workers: int = typer.Option(1, min=0, help="DataLoader workers for the loader-alone rate."),
     memory: bool = typer.Option(True, help="Also measure peak memory of a step."),
     options: str = typer.Option("default,contiguous,cpu_bf16", help="Training options timed against each other on "
-                                "gmr_resnet18 (benchmarks.training.OPTIONS: default, contiguous, cpu_bf16, compile); '' for none."),
+                                "gmr_resnet18 (benchmarks.training.OPTIONS: default, contiguous, cpu_bf16, compile, dense_path, "
+                                "ring_path); '' for none."),
+    options_size: str = typer.Option("", help="base_channels,tile_px,batch of that gmr_resnet18 (e.g. 64,224,24: the paper's "
+                                     "NCT-CRC network); default the classifier pair's."),
     out: Path = _json_out("benchmark_train"),
 ) -> None:
     """Training step images/s and peak memory, GMR vs ordinary convolutions, the data loader alone, and the
@@ -268,12 +271,20 @@ def bench_train(
     from benchmarks.common import write_json
     from benchmarks.training import run_options_benchmark, run_training_benchmark
 
+    from benchmarks.training import OPTIONS
+
     chosen = [o.strip() for o in options.split(",") if o.strip()]
+    unknown = sorted({part for o in chosen for part in o.split("+")} - set(OPTIONS))
+    if unknown:
+        raise typer.BadParameter(f"unknown option(s) {unknown}; choose from {sorted(OPTIONS)} (combine with '+')")
     try:
         with console.status("benchmarking training") as status:
             result = run_training_benchmark(device, repeats, workers, memory, progress=status.update)
             if chosen:
-                result["options"] = run_options_benchmark(device, repeats, chosen, progress=status.update)
+                size = tuple(ints(options_size, "options-size")) if options_size.strip() else None
+                if size is not None and len(size) != 3:
+                    raise typer.BadParameter("--options-size takes base_channels,tile_px,batch")
+                result["options"] = run_options_benchmark(device, repeats, chosen, progress=status.update, size=size)
     except ValueError as err:
         fail(err)
     table = Table(title=f"training step, {result['device']}, best of {repeats}")
@@ -287,7 +298,8 @@ def bench_train(
     Console(width=160).print(table)
     if chosen:
         opt = result["options"]
-        table = Table(title=f"training options, {opt['model']} {opt['batch']} x {opt['tile_px']} px, {result['device']}")
+        table = Table(title=f"training options, {opt['model']} base {opt['base_channels']}, {opt['batch']} x {opt['tile_px']} px, "
+                            f"{result['device']}")
         for col in ("option", "step ms", "speed vs default"):
             table.add_column(col)
         for name, r in opt["options"].items():
