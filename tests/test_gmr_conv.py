@@ -470,6 +470,15 @@ def test_auto_picks_rings_for_large_kernels_on_cpu():
         assert conv.choose_impl(torch.empty(1, 128, 8, 8)) == "rings"
 
 
+def test_auto_takes_the_dense_path_off_the_cpu():
+    """On CUDA (measured: 6x per training step of the paper's GMR-ResNet-18 on an H200) and any device without
+    a CPU-calibrated cost model, the layer that goes to rings on the CPU goes dense."""
+    conv = GMRConv(2, 128, 128, 9)
+    assert conv.choose_impl(torch.empty(1, 128, 8, 8, device="meta")) == "dense"
+    if torch.cuda.is_available():
+        assert conv.to("cuda").choose_impl(torch.empty(1, 128, 8, 8, device="cuda")) == "dense"
+
+
 def test_auto_sends_narrow_many_ring_layers_to_dense_for_cpu_inference():
     # the nuclei U-Net's first levels: moving C_in * n ring responses costs more than the dense MACs saved
     conv = GMRConv(2, 32, 32, 5, num_rings=5, sigma="channel")
