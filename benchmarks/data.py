@@ -79,7 +79,12 @@ def measure_loader(layout: str, path: str, workers: int, batches: int) -> dict:
     t1 = time.perf_counter()
     n = 0
     for _ in range(batches):
-        n += len(next(it)[1])
+        try:
+            batch = next(it)
+        except StopIteration:  # a set smaller than the batches asked for: go round again
+            it = iter(loader)
+            batch = next(it)
+        n += len(batch[1])
     rate = n / (time.perf_counter() - t1)
     return {"tiles": len(stream), "index_s": round(index_s, 3), "startup_s": round(startup_s, 3), "items_per_s": round(rate, 1),
             "peak_rss_mib": round(_peak_rss_mib(), 1)}

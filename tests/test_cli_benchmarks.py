@@ -113,3 +113,30 @@ def test_benchmark_fit_on_tiles_compares_resnet_twins(tmp_path):
     assert result.exit_code == 0, result.output
     data = json.loads((tmp_path / "fit.json").read_text())
     assert data["task"] == "tiles" and data["batch"][0] == 16 and set(data["ratio_to_dense"]) == {"dense", "gmr"}
+
+
+def test_benchmark_data_measures_each_size_in_a_fresh_process(tmp_path):
+    out = tmp_path / "data.json"
+    result = CliRunner().invoke(app, ["benchmark", "data", "--root", str(tmp_path / "sets"), "--nct-sizes", "30,90",
+                                      "--pcam-sizes", "64", "--workers", "0", "--batches", "1", "--no-step", "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    r = json.loads(out.read_text())
+    nct = r["layouts"]["nct_crc"]
+    assert set(nct["sizes"]) == {"30", "90"} and nct["sizes"]["90"]["tiles"] == 90
+    assert all(v["startup_s"] > 0 and v["items_per_s"] > 0 and v["peak_rss_mib"] > 100 for v in nct["sizes"].values())
+    assert r["layouts"]["pcam"]["sizes"]["64"]["tiles"] == 64 and "memory_growth" in nct
+    # the sets are written once: a second run reuses them
+    stamp = (tmp_path / "sets" / "nct_crc_30").stat().st_mtime_ns
+    assert CliRunner().invoke(app, ["benchmark", "data", "--root", str(tmp_path / "sets"), "--nct-sizes", "30", "--pcam-sizes", "",
+                                    "--workers", "0", "--batches", "1", "--no-step", "--out", str(out)]).exit_code == 0
+    assert (tmp_path / "sets" / "nct_crc_30").stat().st_mtime_ns == stamp
+
+
+def test_benchmark_train_options_time_each_setting_and_refuse_unknown_ones(tmp_path):
+    from benchmarks.training import run_options_benchmark
+
+    r = run_options_benchmark("cpu", 1, ["default", "contiguous+dense_path", "ring_path"], size=(4, 32, 2))
+    assert set(r["options"]) == {"default", "contiguous+dense_path", "ring_path"} and r["base_channels"] == 4
+    assert r["options"]["default"]["speed_vs_default"] == 1.0
+    result = CliRunner().invoke(app, ["benchmark", "train", "--options", "default,turbo", "--out", str(tmp_path / "t.json")])
+    assert result.exit_code != 0 and "turbo" in result.output
