@@ -14,7 +14,7 @@ import typer
 
 os.environ.setdefault("KINETO_LOG_LEVEL", "99")  # silence the profiler's USDT chatter on stderr
 
-from . import bench, slides, train  # noqa: E402  (after the environment is set)
+from . import bench, slides, train, viewer  # noqa: E402  (after the environment is set)
 
 __all__ = ["app", "main"]
 
@@ -26,6 +26,7 @@ app = typer.Typer(
 )
 app.add_typer(slides.app)  # tissue, predict, segment, cohort, config, models
 app.add_typer(train.app)  # train, evaluate
+app.add_typer(viewer.app)  # viewer, view
 app.add_typer(bench.app, name="benchmark")
 
 

@@ -70,6 +70,7 @@ DeviceOpt = typer.Option(None, "--device", help="auto (CUDA if present), cpu, cu
 BatchOpt = typer.Option(None, "--batch-size", min=1, help="Tiles per batch. Default: the config's.")
 WorkersOpt = typer.Option(None, "--num-workers", min=0, help="DataLoader workers reading tiles. Default: the config's.")
 TtaOpt = typer.Option(None, "--tta", help="none, or d4: average over the 8 rotations/flips (changes nothing for GMR models).")
+ViewerOpt = typer.Option(None, "--viewer/--no-viewer", help="Write OUT/<slide>/viewer/index.html too. Default: the config's run.viewer.")
 
 
 def _run_overrides(cfg, device, batch_size, num_workers, tta):
@@ -95,9 +96,11 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
     return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
 
 
-def _run_slide_task(task: str, preset: str, slide: Path, out: Optional[Path], options: dict, run, unit: str = "tiles"):
+def _run_slide_task(task: str, preset: str, slide: Path, out: Optional[Path], options: dict, run, unit: str = "tiles",
+                    viewer: Optional[bool] = None):
     """Build the task's config, run ``run(cfg, out, progress)`` under a progress bar, record a failure
-    for the cohort report (one line, exit 1) or clear an old one; returns ``(cfg, out, summary)``."""
+    for the cohort report (one line, exit 1) or clear an old one, then write the slide's viewer
+    (``viewer``, default the config's ``run.viewer``); returns ``(cfg, out, summary)``."""
     label = {"classify": "classify", "segment": "nuclei"}[task]
     try:
         cfg = _task_config(task, preset, **options)
@@ -108,6 +111,13 @@ def _run_slide_task(task: str, preset: str, slide: Path, out: Optional[Path], op
     except ValueError as err:
         _slide_failed(err, slide, out, task)
     _slide_done(slide, out, task)
+    if cfg.run.viewer if viewer is None else viewer:
+        from .viewer import write_slide_viewer
+
+        try:
+            summary.setdefault("outputs", {})["viewer"] = str(write_slide_viewer(slide, cfg, out))
+        except ValueError as err:
+            fail(ValueError(f"viewer: {err}"))
     if summary.get("settings_from_checkpoint"):
         console.print(f"{slide.name}: took {'; '.join(summary['settings_from_checkpoint'])} from the checkpoint "
                       f"(the {preset} preset's differ; set them in the config to insist)")
@@ -148,13 +158,14 @@ def predict_cmd(
     device: Optional[str] = DeviceOpt,
     num_workers: Optional[int] = WorkersOpt,
     tta: Optional[str] = TtaOpt,
+    viewer: Optional[bool] = ViewerOpt,
 ) -> None:
-    """Classify the tissue tiles of one slide: OME-Zarr heatmap, GeoJSON, overlay PNG, summary."""
+    """Classify the tissue tiles of one slide: OME-Zarr heatmap, GeoJSON, overlay PNG, summary, viewer."""
     from pipeline.predict import classify_slide
 
     cfg, out, summary = _run_slide_task("classify", "nct_crc", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=num_workers, tta=tta),
-        lambda cfg, out, update: classify_slide(slide, cfg, out, progress=update))
+        lambda cfg, out, update: classify_slide(slide, cfg, out, progress=update), viewer=viewer)
     Console().print_json(json.dumps({k: summary[k] for k in ("slide", "model", "trained", "tiles", "tissue_area_mm2", "class_fraction", "tiles_per_s", "outputs")}))
 
 
@@ -169,13 +180,15 @@ def segment_cmd(
     device: Optional[str] = DeviceOpt,
     tta: Optional[str] = TtaOpt,
     block_px: int = typer.Option(1024, min=64, help="Side of the blocks segmented and written at a time (pixels at the model's mpp)."),
+    viewer: Optional[bool] = ViewerOpt,
 ) -> None:
-    """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary."""
+    """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary, viewer."""
     from pipeline.segment import segment_slide
 
     cfg, out, summary = _run_slide_task("segment", "nuclei", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=None, tta=tta),
-        lambda cfg, out, update: segment_slide(slide, cfg, out, progress=update, block_px=block_px), unit="blocks")
+        lambda cfg, out, update: segment_slide(slide, cfg, out, progress=update, block_px=block_px), unit="blocks",
+        viewer=viewer)
     Console().print_json(json.dumps(summary))
 
 

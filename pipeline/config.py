@@ -101,7 +101,8 @@ class TissueConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    """How inference runs. ``device``: auto, cpu, cuda, cuda:N; ``tta``: none or d4."""
+    """How inference runs. ``device``: auto, cpu, cuda, cuda:N; ``tta``: none or d4; ``viewer``: write
+    ``OUT/<slide>/viewer/index.html`` (the slide with its layers, :mod:`pipeline.write_viewer`)."""
 
     device: str = "auto"
     batch_size: int = 16
@@ -109,6 +110,7 @@ class RunConfig:
     tta: str = "none"
     amp: bool = True
     chunk_tiles: int = 16
+    viewer: bool = True
 
 
 @dataclass(frozen=True)
@@ -254,8 +256,9 @@ def _check_types(obj, where: str, source: str) -> None:
             bad("num_workers", "an int >= 0")
         if not isinstance(obj.device, str) or not re.fullmatch(r"auto|cpu|cuda(:\d+)?", obj.device):
             bad("device", "'auto', 'cpu', 'cuda' or 'cuda:N'")
-        if not isinstance(obj.amp, bool):
-            bad("amp", "true or false")
+        for name in ("amp", "viewer"):
+            if not isinstance(getattr(obj, name), bool):
+                bad(name, "true or false")
     elif isinstance(obj, PipelineConfig):
         for name in ("slides", "out"):
             if not isinstance(getattr(obj, name), str) or not getattr(obj, name):

@@ -17,6 +17,7 @@ import html
 import json
 import os
 from pathlib import Path
+from urllib.parse import quote
 
 from .summary import write_cohort_csv
 
@@ -117,8 +118,10 @@ def write_cohort(out_dir: str | Path) -> tuple[Path, Path]:
         top = sorted(fractions.items(), key=lambda kv: -kv[1])[:4]
         frac = "<br>".join(f"{html.escape(k)}: {v:.1%}" for k, v in top if v > 0) or "-"
         trained = "" if r.get("trained", True) else ' <span class="warn">untrained model</span>'
+        viewer = Path(sid) / "viewer" / "index.html"
+        view = f'<br><a href="{html.escape(quote(viewer.as_posix()))}">open in the viewer</a>' if (out_dir / viewer).is_file() else ""
         body.append(
-            f"<tr><td><b>{html.escape(sid)}</b><br>{r.get('mpp', '')} mpp{trained}</td><td>{img}</td><td>{frac}</td>"
+            f"<tr><td><b>{html.escape(sid)}</b><br>{r.get('mpp', '')} mpp{trained}{view}</td><td>{img}</td><td>{frac}</td>"
             f"<td>{r.get('tissue_area_mm2', '-')}</td><td>{r.get('tiles', '-')}</td>"
             f"<td>{r.get('nuclei_count', '-')}</td><td>{r.get('nuclei_per_mm2', '-')}</td></tr>"
         )
@@ -134,7 +137,8 @@ def write_cohort(out_dir: str | Path) -> tuple[Path, Path]:
 <style>body{{font-family:sans-serif;margin:2em}}table{{border-collapse:collapse}}td,th{{border:1px solid #ccc;padding:6px;vertical-align:top}}
 th{{background:#f3f3f3}}.warn{{color:#b00;font-size:85%}}</style></head><body>
 <h1>GMR-Path cohort report</h1><p>{len(rows)} slide(s) done, {len(failures)} failed; full table with run times and speeds:
-<a href="cohort.csv">cohort.csv</a>. Click an overlay for the full-size image.</p>
+<a href="cohort.csv">cohort.csv</a>. Click an overlay for the full-size image, or open a slide in the viewer
+(pan and zoom with its classes and nuclei; <code>gmrpath view</code> serves this folder where a browser refuses local files).</p>
 {failed_html}
 <table><tr><th>slide</th><th>overlay</th><th>top classes (tiles)</th><th>tissue mm&sup2;</th><th>tiles</th>
 <th>nuclei</th><th>nuclei / mm&sup2;</th></tr>

@@ -52,6 +52,8 @@ def cohort_inputs(wildcards):
             files.append(OUT / sid / f"{sid}.summary.json")
         if CFG.segment is not None:
             files.append(OUT / sid / f"{sid}.nuclei.summary.json")
+        if CFG.run.viewer:  # the report links each slide's viewer
+            files.append(OUT / sid / "viewer" / "index.html")
     return files
 
 
@@ -86,7 +88,7 @@ rule classify:
     resources:
         gpu=1 if CFG.run.device.startswith("cuda") else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {GMRPATH} predict {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {GMRPATH} predict {input.slide:q} --out {OUT:q} --config {input.config:q} --no-viewer > {log:q} 2>&1"
 
 
 rule segment:
@@ -103,7 +105,30 @@ rule segment:
     resources:
         gpu=1 if CFG.run.device.startswith("cuda") else 0,
     shell:
-        "OMP_NUM_THREADS={threads} {GMRPATH} segment {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+        "OMP_NUM_THREADS={threads} {GMRPATH} segment {input.slide:q} --out {OUT:q} --config {input.config:q} --no-viewer > {log:q} 2>&1"
+
+
+def stage_summaries(wildcards):
+    """The summaries of the stages this config runs, for one slide (the viewer shows what they wrote)."""
+    sid, files = wildcards.slide, []
+    if CFG.classify is not None:
+        files.append(OUT / sid / f"{sid}.summary.json")
+    if CFG.segment is not None:
+        files.append(OUT / sid / f"{sid}.nuclei.summary.json")
+    return files
+
+
+rule viewer:
+    input:
+        slide=slide_path,
+        summaries=stage_summaries,
+        config=RESOLVED,
+    output:
+        OUT / "{slide}" / "viewer" / "index.html",
+    log:
+        OUT / "logs" / "{slide}.viewer.log",
+    shell:
+        "{GMRPATH} viewer {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
 
 
 # The OME-Zarr stores are written (atomically, resumably) by the commands and are not declared as
