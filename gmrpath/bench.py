@@ -348,6 +348,35 @@ def bench_data(
     console.print(f"wrote {write_json(out, result)}")
 
 
+@app.command("viewer")
+def bench_viewer(
+    slide: Path = typer.Argument(Path("data/demo/CMU-1-Small-Region.svs"), help="The slide (its tissue also makes the mosaics)."),
+    config: Optional[Path] = ConfigOpt,
+    sizes: str = typer.Option("1,2", help="Mosaic sides: 1 = the slide, 2 = 2x2 copies of its tissue (4x the area), ..."),
+    root: Path = typer.Option(Path("results/benchmarks/viewer"), help="Scratch folder (emptied first)."),
+    out: Path = _json_out("benchmark_viewer"),
+) -> None:
+    """Viewer tiles: seconds and disk per megapixel, against classifying the same slide (one run)."""
+    from benchmarks.common import write_json
+    from benchmarks.viewer import run_viewer_benchmark
+
+    try:
+        with console.status("benchmarking the viewer") as status:
+            result = run_viewer_benchmark(slide, root, tuple(ints(sizes, "sizes")), str(config) if config else None,
+                                          progress=status.update)
+    except ValueError as err:
+        fail(err)
+    table = Table(title=f"viewer tiles vs classification ({result['model']})")
+    for col in ("slide", "Mpx", "viewer s", "s/Mpx", "MiB/Mpx", "again s", "classify s", "viewer / classify"):
+        table.add_column(col, justify="right")
+    for r in result["rows"]:
+        table.add_row(r["slide"], f"{r['megapixels']:.1f}", f"{r['viewer_s']:.2f}", f"{r['viewer_s_per_mpx']:.3f}",
+                      f"{r['disk_mib_per_mpx']:.2f}", f"{r['viewer_again_s']:.3f}", f"{r['classify_s']:.1f}",
+                      f"{r['viewer_vs_classify']:.3f}")
+    Console(width=160).print(table)
+    console.print(f"wrote {write_json(out, result)}")
+
+
 @app.command("fit")
 def bench_fit(
     data: Optional[Path] = typer.Option(None, help="Dataset: nuclei images/ + labels/ at 0.25 mpp (default "

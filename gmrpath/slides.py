@@ -194,14 +194,17 @@ def segment_cmd(
 
 @app.command("cohort")
 def cohort_cmd(out: Path = typer.Argument(..., help="The output root holding one folder per slide.")) -> None:
-    """Aggregate every slide's summary into OUT/cohort.csv and OUT/report.html."""
+    """Aggregate every slide's summary into OUT/cohort.csv and OUT/report.html (and bring each slide's
+    viewer page up to date with all of its layers)."""
     from pipeline.report import write_cohort
+    from pipeline.write_viewer import write_viewer_pages
 
     try:
+        pages = write_viewer_pages(out) if out.is_dir() else []
         csv_path, html_path = write_cohort(out)
     except (ValueError, OSError) as err:
         fail(err)
-    console.print(f"wrote {csv_path} and {html_path}")
+    console.print(f"wrote {csv_path} and {html_path}" + (f"; {len(pages)} viewer page(s)" if pages else ""))
 
 
 @app.command("config")

@@ -22,19 +22,21 @@ __all__ = ["app", "write_slide_viewer", "serve", "take_screenshot"]
 app = typer.Typer()
 
 
-def write_slide_viewer(slide: Path, cfg, out: Path) -> Path:
-    """Open ``slide`` as the config says and write (or update) its viewer under ``out``."""
+def write_slide_viewer(slide: Path, cfg, out: Path, tiles_only: bool = False) -> Path:
+    """Open ``slide`` as the config says and write (or update) its viewer under ``out``: the tiles, and
+    unless ``tiles_only`` the page; returns ``index.html`` (``slide.json`` with ``tiles_only``)."""
     from pipeline.read import slide_id
     from pipeline.stages import open_configured_slide
-    from pipeline.write_viewer import write_viewer
+    from pipeline.write_viewer import write_viewer_page, write_viewer_tiles
 
     s = open_configured_slide(slide, cfg)
     try:
         bar, update = progress_bar(f"viewer {slide.name}", unit="tiles")
         with bar:
-            return write_viewer(s, out, slide_id(slide), progress=update)
+            meta = write_viewer_tiles(s, out, slide_id(slide), progress=update)
     finally:
         s.close()
+    return meta if tiles_only else write_viewer_page(out, slide_id(slide))
 
 
 @app.command("viewer")
@@ -43,6 +45,8 @@ def viewer_cmd(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Output root (default: the config's out)."),
     config: Optional[Path] = typer.Option(None, "--config", "-c", help="YAML config (default: configs/default.yaml)."),
     mpp: Optional[float] = typer.Option(None, "--mpp", help="Microns per pixel when the slide records none."),
+    tiles_only: bool = typer.Option(False, "--tiles-only", help="Only the slide's tiles (the workflow writes the page "
+                                    "with `gmrpath cohort`, once every layer is there)."),
 ) -> None:
     """Write OUT/<slide>/viewer/index.html: the slide in deep zoom with its classes and nuclei, offline."""
     from .slides import _pipeline_config
@@ -50,7 +54,7 @@ def viewer_cmd(
     try:
         cfg = _pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
         out = Path(cfg.out) if out is None else out
-        index = write_slide_viewer(slide, cfg, out)
+        index = write_slide_viewer(slide, cfg, out, tiles_only)
     except ValueError as err:
         fail(err)
     console.print(f"viewer: {index}")

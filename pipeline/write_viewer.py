@@ -35,7 +35,8 @@ from .outputs import OutputError
 from .read import Slide, read_region
 from .stages import slide_outputs
 
-__all__ = ["write_viewer", "deep_zoom_levels", "viewer_data", "ASSETS", "OSD_VERSION", "TILE_PX", "OVERLAP_PX"]
+__all__ = ["write_viewer", "write_viewer_tiles", "write_viewer_page", "write_viewer_pages", "deep_zoom_levels", "viewer_data",
+           "ASSETS", "OSD_VERSION", "TILE_PX", "OVERLAP_PX"]
 
 ASSETS = Path(__file__).with_name("viewer_assets")
 OSD_VERSION = "6.1.1"
@@ -140,12 +141,13 @@ def _nuclei_layer(path: Path) -> Optional[dict]:
     return {"polygons": polys, "area_um2": areas}
 
 
-def viewer_data(slide: Slide, sid: str, out_dir: str | Path, dzi: dict) -> dict:
-    """What ``viewer.js`` draws: the slide's size and mpp, the class tiles and the nuclei of this run."""
+def viewer_data(meta: dict, sid: str, out_dir: str | Path) -> dict:
+    """What ``viewer.js`` draws: the slide (``meta``: name, mpp, Deep Zoom description, as
+    :func:`write_viewer_tiles` recorded it), the class tiles and the nuclei of this run."""
     from .write_overlay import class_colors
 
     paths = slide_outputs(out_dir, sid)
-    data = {"slide": sid, "file": Path(slide.path).name, "mpp": slide.mpp, "dzi": dzi, "osd_version": OSD_VERSION}
+    data = {"slide": sid, "file": meta["file"], "mpp": meta["mpp"], "dzi": meta["dzi"], "osd_version": OSD_VERSION}
     tiles = _tiles_layer(paths["tiles_geojson"])
     summary = json.loads(paths["summary_json"].read_text()) if paths["summary_json"].is_file() else {}
     if tiles is not None and tiles["tiles"]:
@@ -170,38 +172,81 @@ def _script_json(value) -> str:
     return text
 
 
-def write_viewer(slide: Slide, out_dir: str | Path, sid: str, progress: Optional[Callable[[int, int], None]] = None) -> Path:
-    """Write (or bring up to date) ``OUT/<sid>/viewer/``; returns its ``index.html``.
-
-    The slide tiles are written once (resumably); ``data.js`` and ``index.html`` are rewritten from the
-    run's current outputs each time (so a viewer written after ``predict`` gains the nuclei after
-    ``segment``), each atomically, ``index.html`` last.
-
-    Raises:
-        OutputError: the viewer folder cannot be written (full disk, permissions), naming the file.
-        SlideError: the slide cannot be read.
-    """
+def _viewer_folder(out_dir: str | Path, sid: str) -> Path:
     folder = slide_outputs(out_dir, sid)["dir"] / "viewer"
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise OutputError(f"{folder}: cannot create the viewer folder ({err.strerror})") from None
+    return folder
+
+
+def _atomic_write(target: Path, text: Optional[str] = None, source: Optional[Path] = None) -> None:
+    tmp = target.with_name(f".{target.name}.tmp")
+    try:
+        if source is not None:
+            shutil.copyfile(source, tmp)
+        else:
+            tmp.write_text(text, encoding="utf-8")
+        os.replace(tmp, target)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise OutputError(f"{target}: cannot write the viewer ({err.strerror or err})") from None
+
+
+def write_viewer_tiles(slide: Slide, out_dir: str | Path, sid: str, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """The slide's Deep Zoom tiles (once, resumably) and ``viewer/slide.json`` (name, mpp, pyramid), all
+    the page needs of the slide; returns ``slide.json``.
+
+    Raises:
+        OutputError: a tile cannot be written (full disk, permissions), naming it.
+        SlideError: the slide cannot be read.
+    """
+    folder = _viewer_folder(out_dir, sid)
     dzi = _write_tiles(slide, folder, progress)
-    data = viewer_data(slide, sid, out_dir, dzi)
-    for name, text in (("openseadragon.min.js", None), ("viewer.js", None),
-                       ("data.js", f"window.GMR_VIEWER = {_script_json(data)};\n"), ("index.html", None)):
-        target = folder / name
-        tmp = folder / f".{name}.tmp"
-        try:
-            if text is None:
-                shutil.copyfile(ASSETS / name, tmp)
-            else:
-                tmp.write_text(text, encoding="utf-8")
-            os.replace(tmp, target)
-        except OSError as err:
-            tmp.unlink(missing_ok=True)
-            raise OutputError(f"{target}: cannot write the viewer ({err.strerror or err})") from None
-    lic = folder / "LICENSE-openseadragon.txt"
-    if not lic.is_file():
-        shutil.copyfile(ASSETS / "LICENSE-openseadragon.txt", lic)
+    meta = {"file": Path(slide.path).name, "mpp": slide.mpp, "dzi": dzi}
+    _atomic_write(folder / "slide.json", json.dumps(meta))
+    return folder / "slide.json"
+
+
+def write_viewer_page(out_dir: str | Path, sid: str) -> Path:
+    """``data.js`` from the run's current outputs, the page and its scripts (each atomically,
+    ``index.html`` last); needs :func:`write_viewer_tiles` first. Cheap: no slide is opened.
+
+    Raises:
+        OutputError: the tiles were never written, or the folder cannot be written.
+    """
+    folder = _viewer_folder(out_dir, sid)
+    meta_path = folder / "slide.json"
+    if not meta_path.is_file() or not (folder / "slide_files" / ".complete").is_file():
+        raise OutputError(f"{folder}: the slide's viewer tiles are not written yet (gmrpath viewer SLIDE writes them)")
+    data = viewer_data(json.loads(meta_path.read_text()), sid, out_dir)
+    _atomic_write(folder / "openseadragon.min.js", source=ASSETS / "openseadragon.min.js")
+    _atomic_write(folder / "LICENSE-openseadragon.txt", source=ASSETS / "LICENSE-openseadragon.txt")
+    _atomic_write(folder / "viewer.js", source=ASSETS / "viewer.js")
+    _atomic_write(folder / "data.js", f"window.GMR_VIEWER = {_script_json(data)};\n")
+    _atomic_write(folder / "index.html", source=ASSETS / "index.html")
     return folder / "index.html"
+
+
+def write_viewer(slide: Slide, out_dir: str | Path, sid: str, progress: Optional[Callable[[int, int], None]] = None) -> Path:
+    """Write (or bring up to date) ``OUT/<sid>/viewer/``: the tiles once, then the page from the run's
+    current outputs (so a viewer written after ``predict`` gains the nuclei after ``segment``); returns
+    its ``index.html``.
+
+    Raises:
+        OutputError: the viewer folder cannot be written (full disk, permissions), naming the file.
+        SlideError: the slide cannot be read.
+    """
+    write_viewer_tiles(slide, out_dir, sid, progress)
+    return write_viewer_page(out_dir, sid)
+
+
+def write_viewer_pages(out_dir: str | Path) -> list[Path]:
+    """Rewrite the page of every slide under ``out_dir`` whose tiles are written (the workflow's cohort
+    step does this, so each viewer shows all of the run's layers)."""
+    out = []
+    for meta in sorted(Path(out_dir).glob("*/viewer/slide.json")):
+        if (meta.parent / "slide_files" / ".complete").is_file():
+            out.append(write_viewer_page(out_dir, meta.parent.parent.name))
+    return out

@@ -140,3 +140,20 @@ def test_benchmark_train_options_time_each_setting_and_refuse_unknown_ones(tmp_p
     assert r["options"]["default"]["speed_vs_default"] == 1.0
     result = CliRunner().invoke(app, ["benchmark", "train", "--options", "default,turbo", "--out", str(tmp_path / "t.json")])
     assert result.exit_code != 0 and "turbo" in result.output
+
+
+def test_benchmark_viewer_reports_time_and_disk_per_megapixel(tmp_path):
+    import yaml
+
+    from conftest import DEMO_SLIDE
+
+    cfg = tmp_path / "tiny.yaml"
+    cfg.write_text(yaml.safe_dump({"slides": str(DEMO_SLIDE), "out": str(tmp_path / "o"),
+                                   "classify": {"preset": "nct_crc", "model_kwargs": {"base_channels": 4, "kernel_sizes": [5, 5, 3, 3]}}}))
+    out = tmp_path / "viewer.json"
+    result = CliRunner().invoke(app, ["benchmark", "viewer", str(DEMO_SLIDE), "--config", str(cfg), "--sizes", "1",
+                                      "--root", str(tmp_path / "scratch"), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    (row,) = json.loads(out.read_text())["rows"]
+    assert row["megapixels"] == round(2220 * 2967 / 1e6, 2) and row["disk_mib_per_mpx"] > 0 and row["viewer_vs_classify"] > 0
+    assert row["viewer_again_s"] < row["viewer_s"]  # written once: the second call reuses the tiles

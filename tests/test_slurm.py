@@ -99,16 +99,16 @@ def test_workflow_runs_through_slurm_and_matches_a_local_run(cluster, tmp_path):
     proc = subprocess.run(smk + ["--profile", str(PROFILE), "--configfile", str(_config(tmp_path, slides, "out_slurm"))] + overrides,
                           cwd=REPO, env=cluster, capture_output=True, text=True, timeout=1200)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # every job went through sbatch: 2 slides x (tissue, classify, segment) + the cohort, each a SLURM job id
+    # every job went through sbatch: 2 slides x (tissue, classify, segment, viewer tiles) + the cohort, each a SLURM job id
     submitted = re.findall(r"Job (\d+) has been submitted with SLURM jobid (\d+) \(log: (\S+)\)", proc.stderr)
-    assert len(submitted) == 7, proc.stderr[-3000:]
+    assert len(submitted) == 9, proc.stderr[-3000:]
     ids = {int(j) for _, j, _ in submitted}
-    assert len(ids) == 7
+    assert len(ids) == 9
     known = subprocess.run(["squeue", "-h", "-t", "all", "-o", "%i %T"], env=cluster, capture_output=True, text=True).stdout
     states = dict(line.split() for line in known.splitlines())
     assert all(states.get(str(i)) == "COMPLETED" for i in ids), known
     rules = sorted(Path(log).parent.name if "cohort" not in log else "cohort" for _, _, log in submitted)
-    assert rules.count("demo") == rules.count("second") == 3 and "cohort" in rules
+    assert rules.count("demo") == rules.count("second") == 4 and "cohort" in rules
     # the same outputs as a local run
     local = subprocess.run(smk + ["--cores", "2", "--configfile", str(_config(tmp_path, slides, "out_local"))],
                            cwd=REPO, capture_output=True, text=True, timeout=1200)

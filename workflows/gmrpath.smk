@@ -52,8 +52,8 @@ def cohort_inputs(wildcards):
             files.append(OUT / sid / f"{sid}.summary.json")
         if CFG.segment is not None:
             files.append(OUT / sid / f"{sid}.nuclei.summary.json")
-        if CFG.run.viewer:  # the report links each slide's viewer
-            files.append(OUT / sid / "viewer" / "index.html")
+        if CFG.run.viewer:  # the cohort step writes each viewer's page, and the report links it
+            files.append(OUT / sid / "viewer" / "slide.json")
     return files
 
 
@@ -108,27 +108,18 @@ rule segment:
         "OMP_NUM_THREADS={threads} {GMRPATH} segment {input.slide:q} --out {OUT:q} --config {input.config:q} --no-viewer > {log:q} 2>&1"
 
 
-def stage_summaries(wildcards):
-    """The summaries of the stages this config runs, for one slide (the viewer shows what they wrote)."""
-    sid, files = wildcards.slide, []
-    if CFG.classify is not None:
-        files.append(OUT / sid / f"{sid}.summary.json")
-    if CFG.segment is not None:
-        files.append(OUT / sid / f"{sid}.nuclei.summary.json")
-    return files
-
-
-rule viewer:
+rule viewer_tiles:
+    # the slide's Deep Zoom tiles, while classify/segment run; the page is written by the cohort step
     input:
         slide=slide_path,
-        summaries=stage_summaries,
+        tissue=OUT / "{slide}" / "{slide}.tissue.png",
         config=RESOLVED,
     output:
-        OUT / "{slide}" / "viewer" / "index.html",
+        OUT / "{slide}" / "viewer" / "slide.json",
     log:
         OUT / "logs" / "{slide}.viewer.log",
     shell:
-        "{GMRPATH} viewer {input.slide:q} --out {OUT:q} --config {input.config:q} > {log:q} 2>&1"
+        "{GMRPATH} viewer {input.slide:q} --out {OUT:q} --config {input.config:q} --tiles-only > {log:q} 2>&1"
 
 
 # The OME-Zarr stores are written (atomically, resumably) by the commands and are not declared as
@@ -150,6 +141,7 @@ rule cohort:
     output:
         csv=OUT / "cohort.csv",
         html=OUT / "report.html",
+        viewers=[OUT / sid / "viewer" / "index.html" for sid in SLIDES] if CFG.run.viewer else [],
     shell:
         "{GMRPATH} cohort {OUT:q}"
 
