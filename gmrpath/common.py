@@ -70,3 +70,19 @@ def progress_bar(label: str, unit: str = "tiles"):
     """A progress bar reporting units done / total and units/s; returns (context, callback)."""
     bar = LazyBar(label, unit)
     return bar, bar
+
+
+def pipeline_config(config, overrides: dict, override_source: str = "command line", need_slides: bool = True):
+    """The pipeline config from ``config`` (a path; default ``configs/default.yaml``) with ``overrides``."""
+    from pathlib import Path
+
+    from pipeline.config import PipelineConfig, load_config
+
+    default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
+    path = config if config is not None else (default if default.is_file() else None)
+    if path is None:
+        cfg = PipelineConfig()
+        import dataclasses
+
+        return dataclasses.replace(cfg, **overrides)
+    return load_config(path, overrides, override_source, need_slides)

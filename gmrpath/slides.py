@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .common import console, fail, progress_bar
+from .common import console, fail, pipeline_config, progress_bar
 
 __all__ = ["app"]
 
@@ -49,19 +49,6 @@ def _slide_done(slide: Path, out: Path, stage: str) -> None:
     clear_failure(out, slide, stage)
 
 
-def _pipeline_config(config: Optional[Path], overrides: dict, override_source: str = "command line", need_slides: bool = True):
-    from pipeline.config import PipelineConfig, load_config
-
-    default = Path(__file__).resolve().parents[1] / "configs" / "default.yaml"
-    path = config if config is not None else (default if default.is_file() else None)
-    if path is None:
-        cfg = PipelineConfig()
-        import dataclasses
-
-        return dataclasses.replace(cfg, **overrides)
-    return load_config(path, overrides, override_source, need_slides)
-
-
 ModelOpt = typer.Option(None, "--model", "-m", help="Registry name (see `gmrpath models`; random weights) or a .pt checkpoint path. Default: the config's.")
 OutOpt = typer.Option(None, "--out", "-o", help="Output root; files go to OUT/<slide id>/. Default: the config's out.")
 ConfigOpt = typer.Option(None, "--config", "-c", help="YAML config (default: configs/default.yaml).")
@@ -89,7 +76,7 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
 
     from pipeline.config import preset_spec
 
-    cfg = _pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
+    cfg = pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
     spec = getattr(cfg, task) or preset_spec(preset)
     if model is not None:
         spec = dataclasses.replace(spec, model=model)
@@ -136,7 +123,7 @@ def tissue_cmd(
     from pipeline.read import slide_id
 
     try:
-        cfg = _pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
+        cfg = pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
         out = Path(cfg.out) if out is None else out
         s = open_configured_slide(slide, cfg)
         mask, _ = tissue_stage(s, cfg, out)
@@ -225,7 +212,7 @@ def config_cmd(
             raise typer.BadParameter(f"--set takes key=value, got {item!r}")
         overrides[key] = yaml.safe_load(value)
     try:
-        cfg = _pipeline_config(config, overrides, "--set")
+        cfg = pipeline_config(config, overrides, "--set")
     except ValueError as err:
         fail(err)
     text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)

@@ -49,10 +49,10 @@ def viewer_cmd(
                                     "with `gmrpath cohort`, once every layer is there)."),
 ) -> None:
     """Write OUT/<slide>/viewer/index.html: the slide in deep zoom with its classes and nuclei, offline."""
-    from .slides import _pipeline_config
+    from .common import pipeline_config
 
     try:
-        cfg = _pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
+        cfg = pipeline_config(config, {} if mpp is None else {"mpp": mpp}, "--mpp", need_slides=False)
         out = Path(cfg.out) if out is None else out
         index = write_slide_viewer(slide, cfg, out, tiles_only)
     except ValueError as err:
