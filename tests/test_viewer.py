@@ -203,5 +203,8 @@ def test_viewer_in_a_real_browser(run, tmp_path):
         shot = np.asarray(Image.open(tmp_path / "nucleus.png").convert("RGB"), int)[40:, :1000]
         outline = (np.abs(shot - np.array([0, 200, 255])).sum(-1) < 60)
         assert outline.sum() > 50  # the outline colour is on screen
+        # and straight from the file, with no server
+        dom, log = _browser((run["viewer"] / "index.html").as_uri(), tmp_path, "dom")
+        assert 'data-ready="1"' in dom and count("tiles", dom) > 0 and not _console_errors(log)
     finally:
         server.shutdown()
