@@ -17,7 +17,7 @@ import typer
 
 from .common import console, fail, progress_bar
 
-__all__ = ["app", "write_slide_viewer", "serve", "take_screenshot"]
+__all__ = ["app", "write_slide_viewer", "serve", "take_screenshot", "find_chromium", "CHROMIUM_FLAGS"]
 
 app = typer.Typer()
 
@@ -27,16 +27,15 @@ def write_slide_viewer(slide: Path, cfg, out: Path, tiles_only: bool = False) ->
     unless ``tiles_only`` the page; returns ``index.html`` (``slide.json`` with ``tiles_only``)."""
     from pipeline.read import slide_id
     from pipeline.stages import open_configured_slide
-    from pipeline.write_viewer import write_viewer_page, write_viewer_tiles
+    from pipeline.write_viewer import write_viewer, write_viewer_tiles
 
     s = open_configured_slide(slide, cfg)
     try:
         bar, update = progress_bar(f"viewer {slide.name}", unit="tiles")
         with bar:
-            meta = write_viewer_tiles(s, out, slide_id(slide), progress=update)
+            return (write_viewer_tiles if tiles_only else write_viewer)(s, out, slide_id(slide), progress=update)
     finally:
         s.close()
-    return meta if tiles_only else write_viewer_page(out, slide_id(slide))
 
 
 @app.command("viewer")
@@ -76,21 +75,31 @@ def serve(root: Path, port: int = 0):
     return server
 
 
+# headless Chromium on a machine with no network: without the background-networking flags it keeps
+# trying to reach Google's hosts; --no-sandbox because CI runs as root
+CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                  "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
+                  "--virtual-time-budget=20000")
+
+
+def find_chromium() -> Optional[str]:
+    """The Chromium (or Chrome) executable on PATH, or None."""
+    import shutil
+
+    return shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
 def take_screenshot(url: str, png: Path, size: str = "1280,900") -> None:
     """Save ``url`` as a PNG with headless Chromium (Debian's ``chromium``), after its scripts ran."""
-    import shutil
     import subprocess
     import tempfile
 
-    browser = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+    browser = find_chromium()
     if browser is None:
         raise RuntimeError("no Chromium found (Debian: apt-get install chromium)")
     with tempfile.TemporaryDirectory() as profile:
-        proc = subprocess.run([browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                               "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                               "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={size}",
-                               "--virtual-time-budget=20000", f"--screenshot={Path(png).resolve()}", url],
-                              capture_output=True, text=True, timeout=120)
+        proc = subprocess.run([browser, *CHROMIUM_FLAGS, f"--user-data-dir={profile}", f"--window-size={size}",
+                               f"--screenshot={Path(png).resolve()}", url], capture_output=True, text=True, timeout=120)
     if proc.returncode != 0 or not Path(png).is_file():
         raise RuntimeError(f"Chromium failed ({proc.returncode}): {proc.stderr.strip().splitlines()[-1:]}")
 

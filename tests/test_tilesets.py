@@ -19,8 +19,7 @@ from conftest import DEMO_SLIDE
 from gmrpath.cli import app
 from training.config import DataConfig
 from training.datasets import DataError, resample_image
-from training.loop import _batches
-from training.tilesets import fit_tile, tile_sets, tile_split, unpacked_h5
+from training.tilesets import batches as _batches, fit_tile, tile_sets, tile_split, unpacked_h5
 
 TINY_RESNET = {"base_channels": 4, "kernel_sizes": [5, 3, 3, 3]}
 

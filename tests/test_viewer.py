@@ -19,6 +19,7 @@ from typer.testing import CliRunner
 from benchmarks.synthetic import read_demo_tissue, write_pyramidal_tiff
 from conftest import DEMO_SLIDE
 from gmrpath.cli import app
+from gmrpath.viewer import CHROMIUM_FLAGS, find_chromium
 from pipeline.write_viewer import deep_zoom_levels
 
 NAME = "<img src=x onerror=alert(1)> & co"  # a slide file name that must stay text
@@ -148,14 +149,12 @@ def test_view_serves_the_output_folder(run):
 
 # --- in a real browser -------------------------------------------------------------------------------------------
 
-CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+CHROMIUM = find_chromium()
 
 
 def _browser(url: str, tmp: Path, what: str) -> tuple[str, str]:
     """Headless Chromium on ``url``: ``what`` is ``dom`` (the DOM after the page's scripts ran) or a PNG path."""
-    args = [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-            "--disable-background-networking", "--disable-component-update", "--disable-sync", "--hide-scrollbars",
-            f"--user-data-dir={tmp / 'profile'}", "--window-size=1280,900", "--virtual-time-budget=20000",
+    args = [CHROMIUM, *CHROMIUM_FLAGS, f"--user-data-dir={tmp / 'profile'}", "--window-size=1280,900",
             "--enable-logging=stderr", "--v=0"]
     args += ["--dump-dom"] if what == "dom" else [f"--screenshot={what}"]
     proc = subprocess.run(args + [url], capture_output=True, text=True, timeout=120)

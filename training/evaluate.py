@@ -28,11 +28,11 @@ from pipeline.models import ModelError, load_model
 from pipeline.config import ModelSpec
 
 from .config import DataConfig
-from .datasets import DataError, load_dataset
+from .datasets import load_dataset
 from .metrics import classification_scores, segmentation_scores, semantic_scores
 from .protocol import central_disc, evaluate_nuclei_image, nuclei_probability, rotate_image
 from .records import write_rows
-from .tilesets import tile_split, worker_error
+from .tilesets import batches, tile_split
 
 __all__ = ["evaluate", "CLASSICAL"]
 
@@ -65,18 +65,15 @@ def _classify(loaded, tiles, angles, device, batch_size: int = 64, workers: int 
     loader = torch.utils.data.DataLoader(tiles.view(raw=True), batch_size=batch_size, num_workers=workers)
     probs: list[list] = [[] for _ in views]
     labels, done, step = [], 0, max(1, len(tiles) // 10)
-    try:
-        for batch, y, _ in loader:
-            images = batch.numpy()
-            for k, (_, _, fn) in enumerate(views):
-                tile_batch = torch.from_numpy(np.stack([fn(im) for im in images]))
-                probs[k].append(predict_batch(loaded, tile_batch, device, "none", True).numpy())
-            labels.append(y.numpy())
-            done += len(y)
-            if done // step != (done - len(y)) // step or done == len(tiles):
-                log(f"  {name_of(loaded)}: {done}/{len(tiles)} tiles x {len(views)} views")
-    except DataError as err:
-        raise DataError(worker_error(err)) from None
+    for batch, y in batches(loader, []):
+        images = batch.numpy()
+        for k, (_, _, fn) in enumerate(views):
+            tile_batch = torch.from_numpy(np.stack([fn(im) for im in images]))
+            probs[k].append(predict_batch(loaded, tile_batch, device, "none", True).numpy())
+        labels.append(y.numpy())
+        done += len(y)
+        if done // step != (done - len(y)) // step or done == len(tiles):
+            log(f"  {name_of(loaded)}: {done}/{len(tiles)} tiles x {len(views)} views")
     labels = np.concatenate(labels)
     return [{"view": kind, "value": value, **classification_scores(np.concatenate(p), labels, n_classes)}
             for (kind, value, _), p in zip(views, probs)]

@@ -36,11 +36,11 @@ from pipeline.models import save_checkpoint, state_mismatch
 
 from .augment import build_augment
 from .config import TrainConfig, config_dict
-from .datasets import DataError, LoadedData, load_dataset
+from .datasets import LoadedData, load_dataset
 from .protocol import MEAN, STD, TUNE_FG, TUNE_H, evaluate_nuclei_image, tune_postprocess
 from .records import atomic_save, code_version, write_rows
 from .samples import NucleiCrops
-from .tilesets import tile_sets, worker_error
+from .tilesets import batches as _batches, tile_sets
 
 __all__ = ["train", "TRAIN_STATE_FORMAT", "segment_loss", "loss_warning"]
 
@@ -70,26 +70,6 @@ def _autocast(device: torch.device, amp: bool, cpu_bf16: bool = False):
     if cpu_bf16 and device.type == "cpu":
         return torch.autocast("cpu", dtype=torch.bfloat16)
     return torch.autocast(device.type, enabled=False)
-
-
-def _batches(loader, bad: list):
-    """``(x, y)`` batches; tiles a worker marked bad (``skip_bad``) are dropped and their messages added
-    to ``bad``; a bad file (without ``skip_bad``) stops the run with one line naming it."""
-    try:
-        for batch in loader:
-            if len(batch) == 3:
-                x, y, errors = batch
-                if any(errors):
-                    bad += [e for e in errors if e and e not in bad]
-                    keep = y >= 0
-                    x, y = x[keep], y[keep]
-                if not len(y):
-                    continue
-                yield x, y
-            else:
-                yield batch
-    except DataError as err:
-        raise DataError(worker_error(err)) from None
 
 
 def segment_loss(logits: torch.Tensor, target: torch.Tensor, separation_weight: float = 0.0) -> torch.Tensor:

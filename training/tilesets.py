@@ -38,7 +38,7 @@ from torch.utils.data import Dataset
 from .config import DataConfig
 from .datasets import IMAGE_EXTENSIONS, DataError, group_of, mpp_table, read_image, resample_image, split_names
 
-__all__ = ["TileStream", "TileData", "tile_sets", "tile_split", "fit_tile", "worker_error", "H5_SPLITS", "PCAM_CLASSES"]
+__all__ = ["TileStream", "TileData", "tile_sets", "tile_split", "fit_tile", "worker_error", "batches", "H5_SPLITS", "PCAM_CLASSES"]
 
 H5_SPLITS = ("train", "valid", "test")
 PCAM_CLASSES = ["normal", "tumour"]
@@ -385,3 +385,22 @@ def tile_split(cfg: DataConfig, side: str, model_mpp: float, tile_px: int, log: 
         raise DataError(f"{cfg.root}: no {side} tiles" + (" (PCam's *_test_x.h5 is the test side)" if side == "test" else ""))
     return stream, data.classes, data.digest
 
+
+def batches(loader, bad: list):
+    """``(x, y)`` batches; tiles a worker marked bad (``skip_bad``) are dropped and their messages added
+    to ``bad``; a bad file (without ``skip_bad``) stops the run with one line naming it."""
+    try:
+        for batch in loader:
+            if len(batch) == 3:
+                x, y, errors = batch
+                if any(errors):
+                    bad += [e for e in errors if e and e not in bad]
+                    keep = y >= 0
+                    x, y = x[keep], y[keep]
+                if not len(y):
+                    continue
+                yield x, y
+            else:
+                yield batch
+    except DataError as err:
+        raise DataError(worker_error(err)) from None
