@@ -3,13 +3,15 @@
 For angles 0..90 degrees, the relative error ``|conv(rot(x)) - rot(conv(x))| / |rot(conv(x))|``
 inside the central disc (so that no pixel rotated in from outside the image counts), on a
 smooth random image, for GMRConv (``profile`` radius/index/area), hard rings
-(``sigma="none"``), the authors' ``GMR_Conv2d`` when installed, and a dense random kernel.
+(``sigma="none"``), GMRConv plus oriented ring energies (``OrientedGMRConv``), the authors'
+``GMR_Conv2d`` when installed, and a dense random kernel.
 Run with ``gmrpath benchmark equivariance``.
 
 Example:
     >>> import torch
     >>> from benchmarks.equivariance import rotation_error, smooth_image
     >>> from gmr_models import GMRConv
+from gmr_models.layers.oriented import OrientedGMRConv
     >>> x = smooth_image(1, 2, 33)
     >>> rotation_error(GMRConv(2, 2, 2, 5).double(), x, 90.0) < 1e-12
     True
@@ -26,6 +28,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from gmr_models import GMRConv
+from gmr_models.layers.oriented import OrientedGMRConv
 
 from .conv import reference_conv
 
@@ -82,6 +85,7 @@ def _variants(cin: int, cout: int, k: int) -> dict[str, nn.Module]:
         "gmr_area": GMRConv(2, cin, cout, k, bias=False, profile="area"),
         "gmr_index": GMRConv(2, cin, cout, k, bias=False, profile="index"),
         "hard_rings": GMRConv(2, cin, cout, k, bias=False, sigma="none"),
+        "gmr_oriented": OrientedGMRConv(2, cin, cout, k, bias=False),
         "dense": nn.Conv2d(cin, cout, k, padding=k // 2, bias=False),
     }
     ref = reference_conv(cin, cout, k)
@@ -97,8 +101,9 @@ def run_equivariance_benchmark(
     channels: int = 8,
     seeds: int = 3,
     progress=None,
+    variants: Sequence[str] = (),
 ) -> dict:
-    """Mean (over ``seeds`` weight draws) rotation error per variant, kernel size and angle.
+    """Mean (over ``seeds`` weight draws) rotation error per variant (``variants``: only these), kernel size and angle.
 
     Returns:
         ``{"angles": [...], "curves": {variant: {k: [error per angle]}}, "mean_off_grid": {variant: {k: e}}}``
@@ -111,6 +116,8 @@ def run_equivariance_benchmark(
         for seed in range(seeds):
             torch.manual_seed(seed)
             for name, conv in _variants(channels, channels, k).items():
+                if variants and name not in variants:
+                    continue
                 conv = conv.double().eval()
                 errs = [rotation_error(conv, x, a) for a in angles]
                 acc = sums.setdefault(name, [0.0] * len(angles))

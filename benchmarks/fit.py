@@ -2,7 +2,7 @@
 
 An underfitting layer shows here before any long training run: each variant of the nuclei
 U-Net (dense convolutions, GMR with the paper's ring images, with unit-energy ring images, with one
-ring per pixel radius, with an invariant-feature stem) is trained from the same seed on one fixed batch of real MoNuSeg crops with the
+ring per pixel radius, with an invariant-feature stem, with oriented ring energies) is trained from the same seed on one fixed batch of real MoNuSeg crops with the
 training loss, and the final losses are compared (ratio GMR / dense: 1.0 means the GMR layer
 fits as well as a dense one). Run with ``gmrpath benchmark fit``.
 
@@ -23,7 +23,7 @@ import torch
 
 from .common import device_name
 
-__all__ = ["VARIANTS", "TILE_VARIANTS", "fixed_nuclei_batch", "fixed_tile_batch", "run_fit_benchmark"]
+__all__ = ["VARIANTS", "TILE_VARIANTS", "fixed_nuclei_batch", "fixed_tile_batch", "run_fit_benchmark", "summarise_seeds"]
 
 VARIANTS = {
     "dense": ("unet", {}),
@@ -33,12 +33,16 @@ VARIANTS = {
     "gmr_rings_k": ("gmr_unet", {"num_rings": [5, 5, 3, 3]}),
     "gmr_invariant": ("gmr_unet", {"invariant_scales": [1.0, 2.0]}),
     "gmr_invariant_rings_k": ("gmr_unet", {"invariant_scales": [1.0, 2.0], "num_rings": [5, 5, 3, 3], "gmr_kwargs": {"sigma": "channel"}}),
+    "gmr_oriented": ("gmr_unet", {"gmr_kwargs": {"orders": [1, 2]}}),
+    "gmr_invariant_oriented": ("gmr_unet", {"invariant_scales": [1.0, 2.0], "gmr_kwargs": {"orders": [1, 2]}}),
+    "gmr_invariant_oriented_r4": ("gmr_unet", {"invariant_scales": [1.0, 2.0], "gmr_kwargs": {"orders": [1, 2], "reduction": 4}}),
 }
 
 
 TILE_VARIANTS = {
     "dense": ("resnet18", {}),
     "gmr": ("gmr_resnet18", {}),
+    "gmr_invariant_oriented_r4": ("gmr_resnet18", {"invariant_scales": [1.0, 2.0], "gmr_kwargs": {"orders": [1, 2], "reduction": 4}}),
 }
 
 
@@ -144,3 +148,23 @@ def run_fit_benchmark(root: str | Path, steps: int = 100, variants: Optional[lis
     if "dense" in result["final_loss"]:
         result["ratio_to_dense"] = {n: round(v / result["final_loss"]["dense"], 3) for n, v in result["final_loss"].items()}
     return result
+
+
+def summarise_seeds(runs: list[dict], seeds: list[int]) -> dict:
+    """One result from :func:`run_fit_benchmark` runs with different seeds: mean curves, final losses
+    and ratios, the ratio's range over seeds, and every run under ``runs``."""
+    if len(runs) == 1:
+        return {**runs[0], "seeds": list(seeds)}
+    first = runs[0]
+    names = list(first["final_loss"])
+    out = {key: first[key] for key in ("task", "device", "steps", "lr", "batch", "base_channels", "kernel_sizes", "params")}
+    out["seeds"] = list(seeds)
+    out["curves"] = {n: [round(float(v), 5) for v in np.mean([r["curves"][n] for r in runs], axis=0)] for n in names}
+    out["final_loss"] = {n: float(np.mean([r["final_loss"][n] for r in runs])) for n in names}
+    out["seconds"] = {n: round(float(np.mean([r["seconds"][n] for r in runs])), 1) for n in names}
+    if "ratio_to_dense" in first:
+        out["ratio_to_dense"] = {n: round(float(np.mean([r["ratio_to_dense"][n] for r in runs])), 3) for n in names}
+        out["ratio_range"] = {n: [min(r["ratio_to_dense"][n] for r in runs), max(r["ratio_to_dense"][n] for r in runs)]
+                              for n in names}
+    out["runs"] = runs
+    return out

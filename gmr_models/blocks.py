@@ -18,6 +18,7 @@ from typing import Optional, Sequence
 from torch import Tensor, nn
 
 from .layers import GMRConv, layer_type
+from .layers.oriented import OrientedGMRConv
 from .layers.factories import check_spatial_dims
 
 __all__ = ["CONV_TYPES", "conv_layer", "ConvNormAct", "check_kernel_sizes"]
@@ -43,12 +44,17 @@ def conv_layer(
     gmr_kwargs: Optional[dict] = None,
 ) -> nn.Module:
     """A stride-1 "same" convolution: :class:`GMRConv` (``conv_type="gmr"``, with the extra
-    ``gmr_kwargs`` such as ``num_rings`` or ``sigma``) or the torch convolution of the same size
-    (``"conv"``, the non-equivariant baseline, which ignores ``gmr_kwargs``)."""
+    ``gmr_kwargs`` such as ``num_rings`` or ``sigma``; with ``orders`` (and optionally ``multiplier``, ``reduction``)
+    an :class:`~gmr_models.layers.oriented.OrientedGMRConv`, which adds invariant oriented energies)
+    or the torch convolution of the same size (``"conv"``, the non-equivariant baseline, which
+    ignores ``gmr_kwargs``)."""
     if conv_type not in CONV_TYPES:
         raise ValueError(f"conv_type must be one of {CONV_TYPES}, got {conv_type!r}")
     if conv_type == "gmr" and kernel_size > 1:
-        return GMRConv(spatial_dims, in_channels, out_channels, kernel_size, bias=bias, **(gmr_kwargs or {}))
+        kwargs = dict(gmr_kwargs or {})
+        if {"orders", "multiplier", "reduction"} & set(kwargs):
+            return OrientedGMRConv(spatial_dims, in_channels, out_channels, kernel_size, bias=bias, **kwargs)
+        return GMRConv(spatial_dims, in_channels, out_channels, kernel_size, bias=bias, **kwargs)
     conv = layer_type("conv", spatial_dims)
     return conv(in_channels, out_channels, kernel_size, padding=kernel_size // 2, bias=bias)
 

@@ -15,13 +15,14 @@ Example:
 
 from __future__ import annotations
 
-from typing import Sequence
+from typing import Optional, Sequence
 
 from torch import Tensor, nn
 
 from .blocks import ConvNormAct, check_kernel_sizes
 from .layers import layer_type
 from .layers.factories import check_spatial_dims
+from .layers.invariant import InvariantFeatures
 from .registry import register_model
 
 __all__ = ["ResNet", "BasicBlock", "Bottleneck"]
@@ -49,11 +50,12 @@ class BasicBlock(nn.Module):
 
     expansion = 1
 
-    def __init__(self, conv_type: str, spatial_dims: int, in_channels: int, channels: int, kernel_size: int, norm: str):
+    def __init__(self, conv_type: str, spatial_dims: int, in_channels: int, channels: int, kernel_size: int, norm: str,
+                 gmr_kwargs: Optional[dict] = None):
         super().__init__()
         self.body = nn.Sequential(
-            ConvNormAct(conv_type, spatial_dims, in_channels, channels, kernel_size, norm),
-            ConvNormAct(conv_type, spatial_dims, channels, channels, kernel_size, norm, act=False),
+            ConvNormAct(conv_type, spatial_dims, in_channels, channels, kernel_size, norm, gmr_kwargs=gmr_kwargs),
+            ConvNormAct(conv_type, spatial_dims, channels, channels, kernel_size, norm, act=False, gmr_kwargs=gmr_kwargs),
         )
         self.shortcut = _Shortcut(spatial_dims, in_channels, channels, norm)
         self.act = nn.ReLU(inplace=True)
@@ -71,12 +73,13 @@ class Bottleneck(nn.Module):
 
     expansion = 4
 
-    def __init__(self, conv_type: str, spatial_dims: int, in_channels: int, channels: int, kernel_size: int, norm: str):
+    def __init__(self, conv_type: str, spatial_dims: int, in_channels: int, channels: int, kernel_size: int, norm: str,
+                 gmr_kwargs: Optional[dict] = None):
         super().__init__()
         out = channels * self.expansion
         self.body = nn.Sequential(
             ConvNormAct("conv", spatial_dims, in_channels, channels, 1, norm),
-            ConvNormAct(conv_type, spatial_dims, channels, channels, kernel_size, norm),
+            ConvNormAct(conv_type, spatial_dims, channels, channels, kernel_size, norm, gmr_kwargs=gmr_kwargs),
             ConvNormAct("conv", spatial_dims, channels, out, 1, norm, act=False),
         )
         self.shortcut = _Shortcut(spatial_dims, in_channels, out, norm)
@@ -100,6 +103,10 @@ class ResNet(nn.Module):
         conv_type: ``"gmr"`` (equivariant) or ``"conv"`` (ordinary baseline).
         norm: ``"batch"`` or ``"instance"``.
         dropout: dropout before the classifier.
+        gmr_kwargs: further :class:`~gmr_models.layers.GMRConv` arguments for every GMR layer
+            (``{"orders": [1, 2]}``: oriented ring energies, :mod:`gmr_models.layers.oriented`).
+        invariant_scales: Gaussian scales (pixels) of an
+            :class:`~gmr_models.layers.invariant.InvariantFeatures` stem (``None``: none).
 
     Shape:
         ``(N, in_channels, *S) -> (N, num_classes)``; every side of ``S`` divisible by 16
@@ -118,6 +125,8 @@ class ResNet(nn.Module):
         conv_type: str = "gmr",
         norm: str = "batch",
         dropout: float = 0.0,
+        gmr_kwargs: Optional[dict] = None,
+        invariant_scales: Optional[Sequence[float]] = None,
     ) -> None:
         super().__init__()
         spatial_dims = check_spatial_dims(spatial_dims)
@@ -136,15 +145,20 @@ class ResNet(nn.Module):
         pool = layer_type("avgpool", spatial_dims)
         self.spatial_dims, self.num_classes, self.conv_type = spatial_dims, num_classes, conv_type
         self.size_multiple = 16  # input sides divisible by this keep GMR logits exactly D4-invariant
+        if gmr_kwargs is not None and not isinstance(gmr_kwargs, dict):
+            raise ValueError(f"gmr_kwargs must be a dict of GMRConv arguments, got {gmr_kwargs!r}")
+        features = [] if invariant_scales is None else [InvariantFeatures(spatial_dims, in_channels, invariant_scales)]
+        c_stem = in_channels if not features else features[0].out_channels
         self.stem = nn.Sequential(
-            ConvNormAct(conv_type, spatial_dims, in_channels, base_channels, kernel_sizes[0], norm), pool(2)
+            *features, ConvNormAct(conv_type, spatial_dims, c_stem, base_channels, kernel_sizes[0], norm, gmr_kwargs=gmr_kwargs),
+            pool(2),
         )
         stages, channels_in = [], base_channels
         for stage, (n_blocks, k) in enumerate(zip(layers, kernel_sizes)):
             channels = base_channels * 2**stage
             units: list[nn.Module] = [pool(2)] if stage > 0 else []
             for _ in range(n_blocks):
-                units.append(block_cls(conv_type, spatial_dims, channels_in, channels, k, norm))
+                units.append(block_cls(conv_type, spatial_dims, channels_in, channels, k, norm, gmr_kwargs))
                 channels_in = channels * block_cls.expansion
             stages.append(nn.Sequential(*units))
         self.stages = nn.Sequential(*stages)

@@ -157,6 +157,8 @@ def bench_equivariance(
     kernel_sizes: str = typer.Option("3,5,7,9,11", help="Comma-separated odd kernel sizes."),
     step: int = typer.Option(5, min=1, max=90, help="Angle step in degrees (0..90)."),
     seeds: int = typer.Option(3, min=1, help="Random weight draws averaged per point."),
+    variants: str = typer.Option("", help="Comma-separated variants (gmr_radius, gmr_area, gmr_index, hard_rings, "
+                                 "gmr_oriented, dense, gmr_conv_pkg); default all."),
     out_dir: Path = typer.Option(Path("results"), help="Folder for benchmark_equivariance.json and .png."),
 ) -> None:
     """Rotation equivariance error (central disc) for angles 0..90 of GMR, hard-ring and dense kernels."""
@@ -167,7 +169,8 @@ def bench_equivariance(
     start = time.perf_counter()
     with console.status("rotating") as status:
         result = run_equivariance_benchmark(
-            ks, tuple(range(0, 91, step)), seeds=seeds, progress=lambda k: status.update(f"rotating: k={k} done")
+            ks, tuple(range(0, 91, step)), seeds=seeds, progress=lambda k: status.update(f"rotating: k={k} done"),
+            variants=[v.strip() for v in variants.split(",") if v.strip()],
         )
     table = Table(title="mean relative error over angles that are not multiples of 90 degrees")
     table.add_column("variant")
@@ -385,30 +388,39 @@ def bench_fit(
     task: str = typer.Option("nuclei", help="nuclei (U-Nets) or tiles (ResNet-18s)."),
     steps: int = typer.Option(100, min=10, help="Optimiser steps per variant."),
     variants: str = typer.Option("", help="Comma-separated variants (benchmarks.fit.VARIANTS / TILE_VARIANTS); default all."),
+    seeds: str = typer.Option("0", help="Comma-separated seeds (batch and initialisation); several give the mean and range."),
     device: str = DeviceOpt,
     out: Path = _json_out("benchmark_fit"),
 ) -> None:
     """Fit GMR and dense twins on the same fixed batch (nuclei crops or tissue tiles): final loss and ratio GMR / dense."""
     from benchmarks.common import write_json
-    from benchmarks.fit import run_fit_benchmark
+    from benchmarks.fit import run_fit_benchmark, summarise_seeds
 
     if data is None:
         data = Path("../shared/data/nuclei/monuseg2018" if task == "nuclei" else
                     "../shared/data/tiles/kather2016-224px-samples/samples")
     if not data.is_dir():
         fail(ValueError(f"{data}: dataset folder not found (give --data)"))
+    seed_list = ints(seeds, "seeds")
+    runs = []
     try:
         with console.status("fitting") as status:
-            result = run_fit_benchmark(data, steps, [v.strip() for v in variants.split(",") if v.strip()] or None,
-                                       device=device, progress=status.update, task=task, base_channels=16 if task == "nuclei" else 8,
-                                       kernel_sizes=(5, 5, 3, 3) if task == "nuclei" else (9, 9, 5, 5))
+            for seed in seed_list:
+                runs.append(run_fit_benchmark(data, steps, [v.strip() for v in variants.split(",") if v.strip()] or None,
+                                              device=device, progress=status.update, task=task, seed=seed,
+                                              base_channels=16 if task == "nuclei" else 8,
+                                              kernel_sizes=(5, 5, 3, 3) if task == "nuclei" else (9, 9, 5, 5)))
     except (ValueError, TypeError) as err:
         fail(err)
-    table = Table(title=f"fit of one fixed batch {result['batch']}, {steps} AdamW steps, {result['device']}")
-    for col in ("variant", "parameters", "loss at 10%", "final loss", "/ dense", "s"):
+    result = summarise_seeds(runs, seed_list)
+    table = Table(title=f"fit of one fixed batch {result['batch']}, {steps} AdamW steps, seeds {seeds}, {result['device']}")
+    for col in ("variant", "parameters", "loss at 10%", "final loss", "/ dense (min-max over seeds)", "s"):
         table.add_column(col, justify="right")
     for name, loss in result["final_loss"].items():
+        ratio = result.get("ratio_to_dense", {}).get(name, float("nan"))
+        spread = result.get("ratio_range", {}).get(name)
         table.add_row(name, str(result["params"][name]), f"{result['curves'][name][steps // 10]:.4f}", f"{loss:.4f}",
-                      f"{result.get('ratio_to_dense', {}).get(name, float('nan')):.2f}", f"{result['seconds'][name]:.0f}")
+                      f"{ratio:.2f}" + (f" ({spread[0]:.2f}-{spread[1]:.2f})" if spread and len(seed_list) > 1 else ""),
+                      f"{result['seconds'][name]:.0f}")
     Console(width=160).print(table)
     console.print(f"wrote {write_json(out, result)}")

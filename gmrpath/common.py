@@ -9,11 +9,12 @@ Example::
 from __future__ import annotations
 
 import time
+from typing import Optional
 
 import typer
 from rich.console import Console
 
-__all__ = ["console", "fail", "progress_bar", "ints"]
+__all__ = ["console", "fail", "progress_bar", "ints", "stain_option"]
 
 console = Console(stderr=True, soft_wrap=True)  # a message is one line, in a terminal or a log
 
@@ -86,3 +87,20 @@ def pipeline_config(config, overrides: dict, override_source: str = "command lin
 
         return dataclasses.replace(cfg, **overrides)
     return load_config(path, overrides, override_source, need_slides)
+
+
+def stain_option(text: Optional[str]) -> Optional[dict]:
+    """``--stain-norm METHOD:REFERENCE`` as a stain target; ``none`` gives ``{}`` (off), no option None."""
+    if text is None:
+        return None
+    if text.strip().lower() == "none":
+        return {}
+    method, sep, reference = text.partition(":")
+    if not sep or not reference:
+        raise typer.BadParameter(f"--stain-norm takes METHOD:REFERENCE_IMAGE (e.g. macenko:ref.png) or none, got {text!r}")
+    from pipeline.stain import fit_stain_target
+
+    try:
+        return fit_stain_target(method.strip().lower(), reference)
+    except ValueError as err:
+        fail(err)

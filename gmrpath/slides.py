@@ -69,7 +69,7 @@ def _run_overrides(cfg, device, batch_size, num_workers, tta):
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **run))
 
 
-def _task_config(task: str, preset: str, config, mpp, model, device, batch_size, num_workers, tta):
+def _task_config(task: str, preset: str, config, mpp, model, device, batch_size, num_workers, tta, stain_norm=None):
     """The config for one CLI task (``classify`` or ``segment``) with the command's overrides;
     a config that leaves the task out gets the ``preset``."""
     import dataclasses
@@ -80,6 +80,8 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
     spec = getattr(cfg, task) or preset_spec(preset)
     if model is not None:
         spec = dataclasses.replace(spec, model=model)
+    if stain_norm is not None:
+        spec = dataclasses.replace(spec, stain_norm=stain_norm)
     return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
 
 
@@ -168,12 +170,16 @@ def segment_cmd(
     tta: Optional[str] = TtaOpt,
     block_px: int = typer.Option(1024, min=64, help="Side of the blocks segmented and written at a time (pixels at the model's mpp)."),
     viewer: Optional[bool] = ViewerOpt,
+    stain_norm: Optional[str] = typer.Option(None, "--stain-norm", help="Map the slide's stains onto a reference first: "
+                                             "METHOD:REFERENCE_IMAGE (macenko, vahadane, reinhard); 'none' turns off "
+                                             "the checkpoint's own (default: the checkpoint's, if any)."),
 ) -> None:
     """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary, viewer."""
     from pipeline.segment import segment_slide
 
     cfg, out, summary = _run_slide_task("segment", "nuclei", slide, out, dict(
-        config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=None, tta=tta),
+        config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=None, tta=tta,
+        stain_norm=stain_norm),
         lambda cfg, out, update: segment_slide(slide, cfg, out, progress=update, block_px=block_px), unit="blocks",
         viewer=viewer)
     Console().print_json(json.dumps(summary))

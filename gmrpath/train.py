@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from .common import console, fail
+from .common import console, fail, stain_option
 
 __all__ = ["app", "parse_sets"]
 
@@ -117,6 +117,11 @@ def evaluate_cmd(
     out: Path = typer.Option(Path("results/eval"), "--out", "-o", help="Folder for evaluation.json, .csv and polar.png."),
     device: str = typer.Option("auto", "--device"),
     workers: int = typer.Option(min(4, os.cpu_count() or 1), "--workers", min=0, help="Tiles: DataLoader workers decoding them."),
+    stain_norm: Optional[str] = typer.Option(None, "--stain-norm", help="Nuclei: map every image's stains onto a reference "
+                                             "first, METHOD:REFERENCE_IMAGE (macenko, vahadane, reinhard), overriding the "
+                                             "checkpoints'; 'none' turns theirs off."),
+    sensitivity: bool = typer.Option(False, "--sensitivity", help="Nuclei: also score each checkpoint under every "
+                                     "foreground threshold x marker height (a sensitivity table, upright)."),
 ) -> None:
     """Score models upright, rotated and flipped (the paper's protocol), side by side; tile sets stream."""
     from training.config import DataConfig
@@ -135,7 +140,8 @@ def evaluate_cmd(
         cfg = DataConfig(kind=kind, root=str(data), mpp=mpp, mpp_csv=str(mpp_csv) if mpp_csv else None, labels=labels_dir,
                          split_csv=str(split_csv) if split_csv else None, val_fraction=0.0)
         report = evaluate(models, cfg, out, task="semantic" if semantic else None, angles=_angles(angles), split=split,
-                          device=device, log=console.print, images=images or None, limit=limit, workers=workers)
+                          device=device, log=console.print, images=images or None, limit=limit, workers=workers,
+                          stain_norm=stain_option(stain_norm), sensitivity=sensitivity)
     except ValueError as err:
         fail(err)
     _print_report(report, console)
@@ -194,3 +200,17 @@ def _print_report(report: dict, console) -> None:
                       f"{r[f'{m}_rotated_mean']:.4f} ± {r[f'{m}_rotated_std']:.4f} ({r[f'{m}_rotated_min']:.4f})"]
         table.add_row(str(Path(name).parent.name + "/" + Path(name).name) if name.endswith(".pt") else name, *cells)
     Console(width=200, stderr=True).print(table)
+    for name, r in report["models"].items():
+        grid = r.get("postprocess_sensitivity")
+        if not grid:
+            continue
+        hs = sorted({g["marker_h"] for g in grid})
+        sens = Table(title=f"{Path(name).name}: upright AJI / PQ / Dice by foreground threshold (rows) and marker height (columns); "
+                           "the fixed rule is 0.5 / 0.1")
+        sens.add_column("fg")
+        for h in hs:
+            sens.add_column(f"h {h:g}")
+        for fg in sorted({g["fg_threshold"] for g in grid}):
+            by_h = {g["marker_h"]: g for g in grid if g["fg_threshold"] == fg}
+            sens.add_row(f"{fg:g}", *[f"{by_h[h]['aji']:.3f} / {by_h[h]['pq']:.3f} / {by_h[h]['dice']:.3f}" for h in hs])
+        Console(width=200, stderr=True).print(sens)

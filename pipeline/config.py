@@ -64,6 +64,9 @@ class ModelSpec:
         overlap_px: segment: the least margin read around each block, pixels at ``mpp`` (the
             network's receptive radius is used when it is larger).
         seed: seed for the random initialisation of an untrained model (reproducible demo runs).
+        stain_norm: segment: map each slide's stains onto a reference before the network,
+            ``"METHOD:REFERENCE_IMAGE"`` (``macenko``, ``vahadane`` or ``reinhard``); ``"none"`` turns
+            off a checkpoint's own; null (default) uses the checkpoint's, if it stores one.
         from_preset: the fields (of classes, tile_px, mpp) that came from a preset and were not set
             by the user: a checkpoint's own values replace these (set internally, not in YAML).
     """
@@ -77,6 +80,7 @@ class ModelSpec:
     stride_px: Optional[int] = None
     overlap_px: int = 32
     seed: int = 0
+    stain_norm: Optional[str] = None
     from_preset: tuple = field(default=(), compare=False, repr=False)
 
     @property
@@ -233,6 +237,14 @@ def _check_types(obj, where: str, source: str) -> None:
             bad("classes", "distinct names")
         if obj.task == "segment" and obj.overlap_px * 2 >= obj.tile_px:
             bad("overlap_px", "less than half of tile_px")
+        if obj.stain_norm is not None:
+            from .stain import STAIN_METHODS
+
+            method, sep, reference = str(obj.stain_norm).partition(":")
+            if obj.task != "segment" or not (obj.stain_norm == "none" or (sep and method in STAIN_METHODS and reference)):
+                bad("stain_norm", f"null, 'none' or METHOD:REFERENCE_IMAGE with METHOD one of {STAIN_METHODS} (nuclei only)")
+            if sep and not Path(reference).is_file():
+                bad("stain_norm", f"a reference image that exists ({reference} does not)")
         if obj.task == "classify" and not is_checkpoint_path(obj.model):
             multiple = _size_multiple(obj.model, obj.model_kwargs, len(obj.classes))
             if multiple and obj.tile_px % multiple:

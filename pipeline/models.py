@@ -224,8 +224,16 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
     own = ModelSpec(
         task=spec.task, model=str(path), model_kwargs=dict(ckpt.get("model_kwargs", {})), classes=classes,
         tile_px=int(ckpt.get("tile_px", spec.tile_px)), mpp=float(ckpt.get("mpp", spec.mpp)),
-        stride_px=spec.stride_px, overlap_px=spec.overlap_px, seed=spec.seed,
+        stride_px=spec.stride_px, overlap_px=spec.overlap_px, seed=spec.seed, stain_norm=spec.stain_norm,
     )
+    stain = dict(ckpt.get("meta", {})).get("stain_norm")
+    if stain:
+        from .stain import check_stain_target
+
+        try:
+            check_stain_target(stain)
+        except ValueError as err:
+            raise ModelError(f"{path}: {err}") from None
     adopted = [f"{k} {getattr(own, k)}" for k in spec.from_preset if getattr(own, k) != getattr(spec, k)]
     return LoadedModel(
         module, ckpt["model"], digest, True, tuple(ckpt.get("mean", DEFAULT_MEAN)), tuple(ckpt.get("std", DEFAULT_STD)), own,

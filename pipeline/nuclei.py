@@ -25,7 +25,7 @@ Example:
 from __future__ import annotations
 
 import math
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import numpy as np
 
@@ -120,32 +120,40 @@ def block_instances(maps: np.ndarray, post: PostProcess, margin: int, core_hw: t
 
 
 def segment_block(module, mean, std, slide: Slide, origin_xy: tuple[int, int], size_wh: tuple[int, int], margin: int,
-                  model_mpp: float, post: PostProcess, device, amp: bool = True, tta: str = "none") -> tuple[np.ndarray, np.ndarray]:
+                  model_mpp: float, post: PostProcess, device, amp: bool = True, tta: str = "none",
+                  stain: Optional[Callable[[np.ndarray], np.ndarray]] = None) -> tuple[np.ndarray, np.ndarray]:
     """Probability (x255) and instance ids of one block: what ``gmrpath segment`` writes for it.
+    ``stain`` maps the window's colours first (:func:`pipeline.stain.stain_mapper`).
 
     Shape:
         returns ``(h, w)`` uint8 and ``(h, w)`` uint64.
     """
     (x0, y0), (w, h) = origin_xy, size_wh
-    maps = block_maps(module, mean, std, read_block(slide, origin_xy, size_wh, margin, model_mpp), device, amp, tta)
+    window = read_block(slide, origin_xy, size_wh, margin, model_mpp)
+    maps = block_maps(module, mean, std, window if stain is None else stain(window), device, amp, tta)
     width, _, _ = model_extent(slide, model_mpp)
     return block_probability(maps, margin, (h, w)), block_instances(maps, post, margin, (h, w), (x0, y0), width)
 
 
 def image_block_maps(module, mean, std, image: np.ndarray, image_mpp: float, model_mpp: float, device, amp: bool = True,
-                     tta: str = "none", block_px: int = 1024, margin: Optional[int] = None) -> Iterator[tuple]:
-    """``(origin_xy, size_wh, maps)`` of every block of an in-memory image, read as a slide is.
+                     tta: str = "none", block_px: int = 1024, margin: Optional[int] = None,
+                     stain_target: Optional[dict] = None) -> Iterator[tuple]:
+    """``(origin_xy, size_wh, maps)`` of every block of an in-memory image, read as a slide is
+    (with ``stain_target``, its colours mapped onto the target's as a slide's are).
 
     Keep the maps to try several post-processings without running the network again
     (:func:`labels_from_block_maps`).
     """
+    from .stain import stain_mapper
+
     slide = slide_from_array(image, image_mpp)
+    stain = stain_mapper(slide, stain_target, model_mpp)
     margin = margin_px(module) if margin is None else margin
     width, height, _ = model_extent(slide, model_mpp)
     for x0, y0 in block_origins(width, height, block_px):
         size = (min(block_px, width - x0), min(block_px, height - y0))
         window = read_block(slide, (x0, y0), size, margin, model_mpp)
-        yield (x0, y0), size, block_maps(module, mean, std, window, device, amp, tta)
+        yield (x0, y0), size, block_maps(module, mean, std, window if stain is None else stain(window), device, amp, tta)
 
 
 def _assemble(blocks: Sequence[tuple], dtype, core) -> np.ndarray:
@@ -178,7 +186,7 @@ def probability_from_block_maps(blocks: Sequence[tuple], margin: int) -> np.ndar
 
 def segment_image(module, mean, std, image: np.ndarray, image_mpp: float, model_mpp: float,
                   post: PostProcess = PostProcess(), device=None, amp: bool = True, tta: str = "none", block_px: int = 1024,
-                  margin: Optional[int] = None) -> np.ndarray:
+                  margin: Optional[int] = None, stain_target: Optional[dict] = None) -> np.ndarray:
     """Nuclei of an in-memory image, exactly as ``gmrpath segment`` finds them in the same image
     saved as a file (same blocks, margin, reflection, maps and post-processing).
 
@@ -189,7 +197,8 @@ def segment_image(module, mean, std, image: np.ndarray, image_mpp: float, model_
 
     device = torch.device("cpu") if device is None else device
     margin = margin_px(module) if margin is None else margin
-    blocks = list(image_block_maps(module, mean, std, image, image_mpp, model_mpp, device, amp, tta, block_px, margin))
+    blocks = list(image_block_maps(module, mean, std, image, image_mpp, model_mpp, device, amp, tta, block_px, margin,
+                                   stain_target))
     return labels_from_block_maps(blocks, post, margin)
 
 

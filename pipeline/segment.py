@@ -27,6 +27,7 @@ from typing import Optional
 import numpy as np
 
 from .nuclei import block_origins, margin_px, model_extent, segment_block
+from .stain import fit_stain_target, stain_mapper
 from .outputs import disk_errors, slide_lock
 from .read import slide_id
 from .tissue import NoTissueError
@@ -38,6 +39,19 @@ __all__ = ["segment_slide", "model_margin_px", "is_field_of_view", "FIELD_OF_VIE
 
 FIELD_OF_VIEW_MAX_PX = 2048 * 2048  # a one-level image this small is a crop someone chose: segmented whole
 
+
+
+def segment_stain_target(spec, loaded) -> Optional[dict]:
+    """The stain target a run maps slides onto: the config's ``stain_norm`` (``"none"``: no mapping),
+    else the checkpoint's own, else None."""
+    if spec.stain_norm == "none":
+        return None
+    if spec.stain_norm:
+        method, sep, reference = spec.stain_norm.partition(":")
+        if not sep or not reference:
+            raise ValueError(f"stain_norm must be 'none' or METHOD:REFERENCE_IMAGE, got {spec.stain_norm!r}")
+        return fit_stain_target(method.strip().lower(), reference)
+    return loaded.meta.get("stain_norm") or None
 
 def is_field_of_view(slide) -> bool:
     """A crop (exported from QuPath or Fiji, a dataset image), not a slide: one pyramid level and at
@@ -98,8 +112,9 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
                   if whole or mask[min(int(y0 / m), my): math.ceil((y0 + block_px) / m), min(int(x0 / m), mx): math.ceil((x0 + block_px) / m)].any()]
         final = paths["nuclei_zarr"]
         margin = model_margin_px(loaded)
+        stain_target = segment_stain_target(spec, loaded)
         fingerprint = json_safe({**run_fingerprint(slide, spec, loaded.checksum, cfg, dev), "block_px": block_px,
-                                 "postprocess": post.to_dict(), "margin_px": margin})
+                                 "postprocess": post.to_dict(), "margin_px": margin, "stain_norm": stain_target})
         blocks_per_s = None
         if not store_matches(final, fingerprint):
             group, _ = open_partial_store(final, fingerprint)
@@ -110,11 +125,12 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
             finished = done_chunks(group)
             todo = [(c, x0, y0) for c, x0, y0 in blocks if c not in finished]
             prepare_model(loaded, dev)
+            stain = stain_mapper(slide, stain_target, spec.mpp) if todo else None
             t0 = time.perf_counter()
             for k, (c, x0, y0) in enumerate(todo):
                 bw, bh = min(block_px, width - x0), min(block_px, height - y0)
                 prob, labels = segment_block(loaded.module, loaded.mean, loaded.std, slide, (x0, y0), (bw, bh), margin, spec.mpp,
-                                             post, dev, cfg.run.amp, cfg.run.tta)
+                                             post, dev, cfg.run.amp, cfg.run.tta, stain)
                 group["0"][0, y0: y0 + bh, x0: x0 + bw] = prob
                 group["_labels"][y0: y0 + bh, x0: x0 + bw] = labels
                 mark_chunk_done(group, c)
@@ -139,6 +155,7 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
             "segmented": "whole image (a field of view)" if whole else "tissue blocks", "blocks": len(blocks), "block_px": block_px, "margin_px": margin, "blocks_per_s": blocks_per_s,
             "megapixels_per_s": round(blocks_per_s * block_px**2 / 1e6, 4) if blocks_per_s else None,
             "run_time_s": round(time.perf_counter() - start, 2),
+            "stain_norm": f"{stain_target['method']} onto {stain_target.get('reference', 'a reference')}" if stain_target else None,
             "outputs": {"nuclei_zarr": str(final), "nuclei_geojson": str(paths["nuclei_geojson"])},
         }
         write_summary(summary, paths["nuclei_summary_json"])

@@ -138,7 +138,8 @@ def test_shipped_nuclei_model_keeps_its_accuracy(name):
     image, truth = read_image(MONUSEG / "images" / f"{name}.png"), read_mask(MONUSEG / "labels" / f"{name}.tif")
     sample = Sample(name, image, "g", native_image=image, native_labels=truth, native_mpp=0.25)
     labels, _ = evaluate_nuclei_image(loaded.module, sample, loaded.spec.mpp, torch.device("cpu"),
-                                      PostProcess(**loaded.meta["postprocess"]), mean=loaded.mean, std=loaded.std)
+                                      PostProcess(**loaded.meta["postprocess"]), mean=loaded.mean, std=loaded.std,
+                                      stain_target=loaded.meta.get("stain_norm"))
     scores = segmentation_scores(truth, labels)
     dice_floor, aji_floor = FLOORS[name]
     assert scores["dice"] >= dice_floor and scores["aji"] >= aji_floor, scores

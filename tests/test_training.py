@@ -93,7 +93,7 @@ def write_cfg(tmp_path, **kw) -> Path:
 
 # --- config ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["train_nuclei_gmr_stain", "train_nuclei_unet_stain", "train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet"])
+@pytest.mark.parametrize("name", ["train_nuclei_gmr_stain", "train_nuclei_unet_stain", "train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet", "train_nuclei_gmr_oriented", "train_nuclei_gmr_stainnorm", "train_kather_gmr_oriented", "train_nuclei_gmr_looo", "train_cryonuseg_gmr_oriented"])
 def test_shipped_training_configs_load(name):
     cfg = load_train_config(REPO / "configs" / f"{name}.yaml", check_paths=SHARED_DATA.is_dir())
     assert cfg.augment.geometric is False  # the paper's protocol: no rotation augmentation
@@ -155,6 +155,28 @@ def test_split_csv(tmp_path, nuclei_dir):
     csv.write_text("image,split\nother,val\n")
     with pytest.raises(DataError, match="names none of the 5 image"):
         load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, split_csv=str(csv)), "segment", 0.5, 32)
+
+
+def test_groups_csv_with_one_fold_per_group_leaves_one_organ_out(tmp_path, nuclei_dir):
+    """data.groups_csv + group_column (the MoNuSeg split CSV's organ): folds = organs gives leave-one-organ-out."""
+    csv = tmp_path / "organs.csv"
+    csv.write_text("image,split,organ\nimg0,train,liver\nimg1,train,liver\nimg2,val,breast\nimg3,train,colon\nimg4,train,breast\n")
+    organ = {"img0": "liver", "img1": "liver", "img2": "breast", "img3": "colon", "img4": "breast"}
+    held_out = []
+    for fold in range(3):
+        cfg = DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, groups_csv=str(csv), group_column="organ", folds=3, fold=fold)
+        data = load_dataset(cfg, "segment", 0.5, 32)
+        organs = {organ[s.name] for s in data.val}
+        assert len(organs) == 1 and organs.isdisjoint(organ[s.name] for s in data.train)
+        held_out += organs
+    assert sorted(held_out) == ["breast", "colon", "liver"]
+    csv.write_text("image,organ\nimg0,liver\n")
+    with pytest.raises(DataError, match="names no group for image 'img1'"):
+        load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, groups_csv=str(csv), group_column="organ",
+                                folds=2), "segment", 0.5, 32)
+    with pytest.raises(DataError, match="needs 'image' and 'site' columns"):
+        load_dataset(DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, groups_csv=str(csv), group_column="site",
+                                folds=2), "segment", 0.5, 32)
 
 
 def _copy_tree(src: Path, dst: Path) -> Path:
@@ -506,6 +528,27 @@ def test_segmentation_evaluation_side_by_side_with_classical(tmp_path, nuclei_di
 
     with pytest.raises(ModelError, match="cannot classify"):
         evaluate(["classical"], DataConfig(kind="folder", root=str(tmp_path)), tmp_path / "x")
+
+
+def test_sensitivity_table_holds_every_setting_and_the_fixed_rule_agrees(tmp_path, nuclei_dir):
+    """--sensitivity: 3 x 6 post-processings, upright; the fixed rule's cell equals the main upright scores."""
+    from training.evaluate import evaluate
+    from training.loop import train
+    from training.protocol import TUNE_FG, TUNE_H
+
+    cfg = load_train_config(write_cfg(tmp_path, epochs=1, val_angles=[], postprocess="fixed", select="last"),
+                            {"data": {"root": str(nuclei_dir)}})
+    train(cfg, log=lambda s: None)
+    ckpt = str(Path(cfg.out) / "best.pt")
+    report = evaluate([ckpt, "classical"], cfg.data, tmp_path / "eval", angles=[0], split="val", log=lambda s: None,
+                      sensitivity=True)
+    grid = report["models"][ckpt]["postprocess_sensitivity"]
+    assert len(grid) == len(TUNE_FG) * len(TUNE_H) and "postprocess_sensitivity" not in report["models"]["classical"]
+    fixed = next(g for g in grid if g["fg_threshold"] == 0.5 and g["marker_h"] == 0.1)
+    for m in ("dice", "aji", "pq"):
+        assert fixed[m] == pytest.approx(report["models"][ckpt][f"{m}_upright"], abs=1e-9)
+    assert len({round(g["aji"], 9) for g in grid}) > 1  # the settings do change the result
+    assert json.loads((tmp_path / "eval" / "evaluation.json").read_text())["models"][ckpt]["postprocess_sensitivity"] == grid
 
 
 def test_classical_baseline_on_real_monuseg():

@@ -47,6 +47,9 @@ class DataConfig:
         seed: ...drawn with this seed.
         group_regex: optional regex whose first group names the patient of an image file; all
             images of one patient land on the same side of the split.
+        groups_csv, group_column: instead, a CSV naming each image's group in a column (e.g. the
+            MoNuSeg split CSV's ``organ``: with ``folds`` = the number of organs, cross-validation
+            leaves one organ out per fold).
         folds, fold: k-fold cross-validation instead: the groups, shuffled with ``seed``, are
             dealt into ``folds`` folds and fold ``fold`` is the validation side.
     """
@@ -63,6 +66,8 @@ class DataConfig:
     val_fraction: float = 0.2
     seed: int = 0
     group_regex: Optional[str] = None
+    groups_csv: Optional[str] = None
+    group_column: str = "group"
     folds: int = 0
     fold: int = 0
 
@@ -122,6 +127,10 @@ class TrainConfig:
             for every model: one rule, chosen on no image).
         separation_weight: weight of a second distance-map error averaged over the foreground
             dilated by 2 px only (where touching nuclei are told apart); 0 leaves it out.
+        stain_norm: nuclei: ``{method: macenko | vahadane | reinhard, reference: IMAGE | auto}`` (``auto``:
+            the training image whose stats are nearest the training set's median). Every image
+            is mapped onto the reference's stains first (:mod:`pipeline.stain`), in training, in
+            validation and, since the checkpoint stores the reference's stats, at inference.
         init: optional checkpoint (a ``best.pt`` or a shipped ``.pt``) whose weights start the run
             instead of random ones (fine-tuning, timm's ``--initial-checkpoint``); it must fit
             ``model`` and ``model_kwargs``. ``--resume`` ignores it and continues ``last.pt``.
@@ -152,6 +161,7 @@ class TrainConfig:
     channels_last: bool = True
     cpu_bf16: bool = False
     compile: bool = False
+    stain_norm: Optional[dict] = None
 
 
 _NESTED = {"data": DataConfig, "augment": AugmentConfig, "optim": OptimConfig}
@@ -203,6 +213,13 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("select", "'last' or a validation metric such as 'val_aji'", cfg.select)
     if not _number(cfg.separation_weight, positive=False):
         bad("separation_weight", "a number >= 0", cfg.separation_weight)
+    if cfg.stain_norm is not None:
+        from pipeline.stain import STAIN_METHODS
+
+        sn = cfg.stain_norm
+        if cfg.task != "segment" or not isinstance(sn, dict) or set(sn) != {"method", "reference"} \
+                or sn["method"] not in STAIN_METHODS or not isinstance(sn["reference"], str):
+            bad("stain_norm", f"null or {{method: one of {STAIN_METHODS}, reference: IMAGE or auto}} (nuclei only)", sn)
     if cfg.init is not None and (not isinstance(cfg.init, str) or not cfg.init):
         bad("init", "a checkpoint path", cfg.init)
     if not isinstance(cfg.val_angles, list) or not all(_number(a, positive=False) for a in cfg.val_angles):
@@ -280,10 +297,15 @@ def load_train_config(path: str | Path, overrides: Optional[dict] = None, check_
         return None if p is None else str(Path(p) if Path(p).is_absolute() else (base / p).resolve())
 
     d = dataclasses.replace(cfg.data, root=resolve(cfg.data.root), val_root=resolve(cfg.data.val_root), split_csv=resolve(cfg.data.split_csv),
-                            mpp_csv=resolve(cfg.data.mpp_csv))
-    cfg = dataclasses.replace(cfg, data=d, out=resolve(cfg.out), init=resolve(cfg.init))
+                            mpp_csv=resolve(cfg.data.mpp_csv), groups_csv=resolve(cfg.data.groups_csv))
+    stain = cfg.stain_norm
+    if stain and stain["reference"] != "auto":
+        stain = {**stain, "reference": resolve(stain["reference"])}
+    cfg = dataclasses.replace(cfg, data=d, out=resolve(cfg.out), init=resolve(cfg.init), stain_norm=stain)
     if check_paths:
-        for key, p in (("data.root", d.root), ("data.val_root", d.val_root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv), ("init", cfg.init)):
+        for key, p in (("data.root", d.root), ("data.val_root", d.val_root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv),
+                       ("data.groups_csv", d.groups_csv), ("init", cfg.init),
+                       ("stain_norm.reference", stain["reference"] if stain and stain["reference"] != "auto" else None)):
             if p is not None and not Path(p).exists():
                 raise TrainConfigError(f"{path}: {key} {p} does not exist")
     return cfg

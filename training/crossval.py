@@ -23,7 +23,9 @@ import numpy as np
 
 from .config import TrainConfig
 
-__all__ = ["cross_validate"]
+__all__ = ["cross_validate", "SEGMENT_ANGLES"]
+
+SEGMENT_ANGLES = [0, 90, 180, 270, 45]  # nuclei folds: the model card's angles (tiles: every 10 degrees)
 
 
 def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad: bool = False,
@@ -43,7 +45,7 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
             log(f"fold {i + 1}/{folds}: training")
             train(fold_cfg, resume=resume and (Path(fold_cfg.out) / "last.pt").is_file(), skip_bad=skip_bad, log=log)
         report = evaluate([str(Path(fold_cfg.out) / "best.pt")], fold_cfg.data, Path(fold_cfg.out) / "eval", task=cfg.task,
-                          split="val", device=cfg.device, log=log)
+                          split="val", device=cfg.device, log=log, angles=None if cfg.task == "classify" else SEGMENT_ANGLES)
         scores = next(iter(report["models"].values()))
         per_fold.append({"fold": i, "n_val": report["n"], **{k: v for k, v in scores.items() if not isinstance(v, dict)}})
     keys = [k for k in per_fold[0] if k not in ("fold", "n_val")]

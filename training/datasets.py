@@ -17,6 +17,7 @@ Example:
 from __future__ import annotations
 
 import csv
+import functools
 import hashlib
 import random
 import re
@@ -61,6 +62,7 @@ class LoadedData:
     classes: list
     digest: str
     skipped: list = field(default_factory=list)
+    stain_target: Optional[dict] = None  # nuclei: the stain target every image is mapped onto (pipeline.stain)
 
 
 def read_image(path: Path) -> np.ndarray:
@@ -203,8 +205,24 @@ def split_names(names: list[str], groups: dict[str, str], cfg: DataConfig) -> tu
     return set(names) - val, val
 
 
+@functools.lru_cache(maxsize=8)
+def _group_table(path: str, column: str, stamp: tuple) -> dict[str, str]:  # stamp: (mtime, size), so an edited CSV is re-read
+    with open(path, newline="") as fh:
+        rows = list(csv.DictReader(fh))
+    if not rows or "image" not in rows[0] or column not in rows[0]:
+        raise DataError(f"{path}: needs 'image' and {column!r} columns (data.groups_csv / data.group_column)")
+    return {Path(r["image"]).stem: r[column] for r in rows}
+
+
 def group_of(cfg: DataConfig, name: str) -> str:
-    """The patient group of an image name by ``cfg.group_regex`` (its first group), else the name itself."""
+    """The group of an image name: its row in ``cfg.groups_csv``, else ``cfg.group_regex``'s first
+    group, else the name itself."""
+    if cfg.groups_csv:
+        st = Path(cfg.groups_csv).stat()
+        table = _group_table(str(cfg.groups_csv), cfg.group_column, (st.st_mtime_ns, st.st_size))
+        if Path(name).stem not in table:
+            raise DataError(f"{cfg.groups_csv}: names no group for image {name!r}")
+        return table[Path(name).stem]
     if cfg.group_regex:
         m = re.search(cfg.group_regex, name)
         if m and m.groups():

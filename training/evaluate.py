@@ -30,7 +30,7 @@ from pipeline.config import ModelSpec
 from .config import DataConfig
 from .datasets import load_dataset
 from .metrics import classification_scores, segmentation_scores, semantic_scores
-from .protocol import central_disc, evaluate_nuclei_image, nuclei_probability, rotate_image
+from .protocol import TUNE_FG, TUNE_H, central_disc, evaluate_nuclei_image, nuclei_probability, postprocess_grid, rotate_image
 from .records import write_rows
 from .tilesets import batches, tile_split
 
@@ -98,10 +98,11 @@ def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print,
                 pred = rotate_image(pred, -angle, nearest=True, border="constant")
                 valid = central_disc(s.native_labels.shape)
             elif semantic:
-                pred, valid = nuclei_probability(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std)
+                pred, valid = nuclei_probability(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std,
+                                                 stain_target=loaded.meta.get("stain_norm"))
             else:
                 pred, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle,
-                                                    mean=loaded.mean, std=loaded.std)
+                                                    mean=loaded.mean, std=loaded.std, stain_target=loaded.meta.get("stain_norm"))
             if angle == 0:
                 rows.append({"image": s.name, "view": "upright", "value": 0.0, **score(s.native_labels, pred)})
             rows.append({"image": s.name, "view": "angle", "value": angle, **score(s.native_labels, pred, valid)})
@@ -139,7 +140,7 @@ def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:
 def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task: Optional[str] = None,
              angles: Optional[Sequence[float]] = None, split: str = "all", device: str = "auto",
              log: Callable[[str], None] = print, images: Optional[Sequence[str]] = None, limit: Optional[int] = None,
-             workers: int = 0) -> dict:
+             workers: int = 0, stain_norm: Optional[dict] = None, sensitivity: bool = False) -> dict:
     """Score checkpoints (and/or ``classical``) on a dataset, upright and rotated.
 
     Args:
@@ -152,6 +153,10 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         images: score only the images whose names match one of these shell patterns (``*_03``).
         limit: score at most this many images (the first, by name) or tiles.
         workers: DataLoader workers decoding tiles.
+        stain_norm: a stain target (:func:`pipeline.stain.fit_stain_target`) every nuclei model maps
+            its images onto, in place of the one its checkpoint stores (``{}``: none at all).
+        sensitivity: nuclei instances: also score every checkpoint upright under each foreground
+            threshold x marker height (``TUNE_FG`` x ``TUNE_H``): ``postprocess_sensitivity`` in its report.
 
     Raises:
         ModelError: a checkpoint that cannot be read or does not fit the data.
@@ -168,6 +173,12 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
     model_task = "segment" if task == "semantic" else task
     dev = resolve_device(device)
     loaded = {name: _load(name, model_task) for name in models}
+    if stain_norm is not None:
+        if task == "classify":
+            raise ValueError("stain normalisation is for nuclei models")
+        for m in loaded.values():
+            if m is not None:
+                m.meta["stain_norm"] = stain_norm
     first = next((m for m in loaded.values() if m is not None), None)
     mpp = first.spec.mpp if first else 0.5
     tile_px = first.spec.tile_px if first else 256
@@ -208,6 +219,10 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         rows = _classify(m, tiles, angles, dev, workers=workers, log=log) if task == "classify" else \
             _nuclei(m, samples, angles, dev, log, semantic=task == "semantic")
         report["models"][name] = _summarise(rows, metrics)
+        if sensitivity and task == "segment" and m is not None:
+            log(f"  {name_of(m)}: post-processing sensitivity ({len(TUNE_FG) * len(TUNE_H)} settings, upright)")
+            report["models"][name]["postprocess_sensitivity"] = postprocess_grid(
+                m.module, samples, m.spec.mpp, dev, mean=m.mean, std=m.std, stain_target=m.meta.get("stain_norm"), full=True)
         all_rows += [{"model": name, **r} for r in rows]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

@@ -101,6 +101,29 @@ def loss_warning(row: dict) -> str:
     return ""
 
 
+def _stain_normalise(data: LoadedData, cfg: TrainConfig, log) -> LoadedData:
+    """The training images mapped onto the reference's stains, each by its own stats as inference maps
+    a slide (validation images are mapped when scored, on the segment path); the target goes with them."""
+    import dataclasses
+
+    from pipeline.stain import fit_stain_target, stain_stats, stain_transfer, typical_stats
+
+    method, reference = cfg.stain_norm["method"], cfg.stain_norm["reference"]
+    if reference == "auto":  # the most typical training image (at the model's mpp)
+        target = typical_stats(method, {s.name: s.image for s in data.train})
+    else:
+        target = fit_stain_target(method, reference)
+    train = []
+    for s in data.train:
+        try:
+            image = stain_transfer(s.image, stain_stats(target["method"], s.image), target)
+        except ValueError as err:
+            raise ValueError(f"{s.name}: {err}") from None
+        train.append(dataclasses.replace(s, image=image))
+    log(f"stain normalisation: {len(train)} training images mapped onto {target['reference']} ({target['method']})")
+    return dataclasses.replace(data, train=train, stain_target=target)
+
+
 def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dict:
     from .metrics import segmentation_scores
 
@@ -108,10 +131,11 @@ def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dic
     post = PostProcess()
     rows = []
     for s in data.val:  # default post-processing here; tuned once at the end of the run
-        labels, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, 0.0, cfg.amp)
+        labels, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, 0.0, cfg.amp, stain_target=data.stain_target)
         rows.append(segmentation_scores(s.native_labels, labels))
         for angle in cfg.val_angles:
-            rot, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, float(angle), cfg.amp)
+            rot, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, float(angle), cfg.amp,
+                                               stain_target=data.stain_target)
             sc = segmentation_scores(s.native_labels, rot, valid)
             rows[-1].update({f"dice_{angle:g}": sc["dice"], f"aji_{angle:g}": sc["aji"]})
     return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}
@@ -217,6 +241,8 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
     quiet = log if rank == 0 else (lambda _: None)
     data = load_dataset(cfg.data, cfg.task, cfg.mpp, cfg.tile_px, skip_bad) if cfg.task == "segment" else \
         tile_sets(cfg.data, cfg.mpp, cfg.tile_px, skip_bad, log=quiet)
+    if cfg.task == "segment" and cfg.stain_norm:
+        data = _stain_normalise(data, cfg, quiet)
     out.mkdir(parents=True, exist_ok=True)  # after the data: a run that cannot start leaves no folder
     for line in data.skipped:
         quiet(f"skipped: {line}")
@@ -366,7 +392,8 @@ def _tune_best(path: Path, data: LoadedData, cfg: TrainConfig, device, log) -> d
     log(f"tuning post-processing on {len(data.val)} validation images ({len(TUNE_FG) * len(TUNE_H)} settings)")
     step = max(1, (len(data.val) + len(TUNE_FG) * len(TUNE_H)) // 6)
     post, rows = tune_postprocess(module, data.val, cfg.mpp, device, cfg.amp,
-                                  progress=lambda done, total: log(f"  tuning {done}/{total}") if done % step == 0 or done == total else None)
+                                  progress=lambda done, total: log(f"  tuning {done}/{total}") if done % step == 0 or done == total else None,
+                                  stain_target=data.stain_target)
     best = max(r["val_aji"] for r in rows)
     ckpt["meta"] = {**ckpt.get("meta", {}), "postprocess": post.to_dict(), "postprocess_tuning": rows}
     atomic_save(ckpt, path)
@@ -385,4 +412,6 @@ def _save_inference(module, cfg: TrainConfig, data: LoadedData, model_kwargs: di
         meta["init"] = Path(cfg.init).name
     if cfg.task == "segment":
         meta["postprocess"] = PostProcess().to_dict()
+        if data.stain_target:
+            meta["stain_norm"] = data.stain_target
     save_checkpoint(module, path, cfg.model, model_kwargs, data.classes, cfg.tile_px, cfg.mpp, MEAN, STD, meta=meta)

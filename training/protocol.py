@@ -17,13 +17,15 @@ Example::
 
 from __future__ import annotations
 
+from typing import Optional
+
 import numpy as np
 
 from pipeline.instances import PostProcess
 from pipeline.nuclei import image_block_maps, labels_from_block_maps, labels_to_native, margin_px, probability_from_block_maps
 
 __all__ = ["rotate_image", "central_disc", "nuclei_block_maps", "evaluate_nuclei_image", "nuclei_probability",
-           "tune_postprocess", "TUNE_FG", "TUNE_H"]
+           "tune_postprocess", "postprocess_grid", "TUNE_FG", "TUNE_H"]
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
 TUNE_FG = (0.4, 0.5, 0.6)
@@ -61,10 +63,10 @@ def central_disc(shape) -> np.ndarray:
 
 
 def nuclei_block_maps(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
-                      mean=MEAN, std=STD) -> list[tuple]:
+                      mean=MEAN, std=STD, stain_target: Optional[dict] = None) -> list[tuple]:
     """The network's block maps of one (rotated) sample, as ``gmrpath segment`` computes them."""
     img = rotate_image(sample.native_image, angle)
-    return list(image_block_maps(module, mean, std, img, sample.native_mpp, model_mpp, device, amp))
+    return list(image_block_maps(module, mean, std, img, sample.native_mpp, model_mpp, device, amp, stain_target=stain_target))
 
 
 def _upright_native(image: np.ndarray, sample, model_mpp: float, angle: float, nearest: bool) -> np.ndarray:
@@ -83,7 +85,7 @@ def _native_labels(blocks: list[tuple], post: PostProcess, module, sample, model
 
 
 def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostProcess, angle: float = 0.0,
-                          amp: bool = True, mean=MEAN, std=STD) -> tuple[np.ndarray, np.ndarray]:
+                          amp: bool = True, mean=MEAN, std=STD, stain_target: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
     """Instances predicted for one nuclei sample on its native pixel grid, optionally rotated.
 
     Returns ``(instances, valid)``: ``valid`` is the central disc, inside the image at every
@@ -92,49 +94,67 @@ def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostPr
     Shape:
         sample image ``(H, W, 3)`` -> ``(H, W)`` int32 labels and ``(H, W)`` bool.
     """
-    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std)
+    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std, stain_target)
     return _native_labels(blocks, post, module, sample, model_mpp, angle), central_disc(sample.native_image.shape)
 
 
 def nuclei_probability(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
-                       mean=MEAN, std=STD) -> tuple[np.ndarray, np.ndarray]:
+                       mean=MEAN, std=STD, stain_target: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
     """The foreground probability (x255, as ``gmrpath segment`` writes it) of one (rotated) sample
     on its native pixel grid, rotated back; with the central disc (see :func:`evaluate_nuclei_image`).
 
     Shape:
         sample image ``(H, W, 3)`` -> ``(H, W)`` uint8 and ``(H, W)`` bool.
     """
-    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std)
+    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std, stain_target)
     prob = probability_from_block_maps(blocks, margin_px(module))
     return _upright_native(prob, sample, model_mpp, angle, nearest=angle % 90 == 0), central_disc(sample.native_image.shape)
 
 
-def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True, progress=None) -> tuple[PostProcess, list[dict]]:
-    """The foreground threshold and marker height that give the best mean AJI on ``samples``
-    (your own validation images: never the images you report as unseen).
+def postprocess_grid(module, samples, model_mpp: float, device, amp: bool = True, progress=None,
+                     stain_target: Optional[dict] = None, mean=MEAN, std=STD, full: bool = False) -> list[dict]:
+    """Mean scores of every ``TUNE_FG`` x ``TUNE_H`` post-processing on ``samples``, upright; the network
+    runs once per image. ``full``: Dice, AJI and PQ (a sensitivity table), else AJI only.
 
     Args:
         progress: called as ``progress(done, total)`` after each image's maps and each setting.
     """
     from gmr_models import freeze_kernels
 
-    from .metrics import aji
+    from .metrics import aji, segmentation_scores
 
     freeze_kernels(module.eval())
     total = len(samples) + len(TUNE_FG) * len(TUNE_H)
     maps = []
     for s in samples:
-        maps.append(nuclei_block_maps(module, s, model_mpp, device, 0.0, amp))
+        maps.append(nuclei_block_maps(module, s, model_mpp, device, 0.0, amp, mean, std, stain_target=stain_target))
         if progress is not None:
             progress(len(maps), total)
     rows = []
     for fg in TUNE_FG:
         for h in TUNE_H:
             post = PostProcess(fg_threshold=fg, marker_h=h)
-            score = float(np.mean([aji(s.native_labels, _native_labels(m, post, module, s, model_mpp, 0.0))
-                                   for s, m in zip(samples, maps)]))
-            rows.append({"fg_threshold": fg, "marker_h": h, "val_aji": score})
+            labels = [(s.native_labels, _native_labels(m, post, module, s, model_mpp, 0.0)) for s, m in zip(samples, maps)]
+            if full:
+                scores = [segmentation_scores(t, p) for t, p in labels]
+                row = {k: float(np.mean([sc[k] for sc in scores])) for k in ("dice", "aji", "pq")}
+            else:
+                row = {"aji": float(np.mean([aji(t, p) for t, p in labels]))}
+            rows.append({"fg_threshold": fg, "marker_h": h, **row})
             if progress is not None:
                 progress(len(samples) + len(rows), total)
+    return rows
+
+
+def tune_postprocess(module, samples, model_mpp: float, device, amp: bool = True, progress=None,
+                     stain_target: Optional[dict] = None) -> tuple[PostProcess, list[dict]]:
+    """The foreground threshold and marker height that give the best mean AJI on ``samples``
+    (your own validation images: never the images you report as unseen).
+
+    Args:
+        progress: called as ``progress(done, total)`` after each image's maps and each setting.
+    """
+    rows = [{"fg_threshold": r["fg_threshold"], "marker_h": r["marker_h"], "val_aji": r["aji"]}
+            for r in postprocess_grid(module, samples, model_mpp, device, amp, progress, stain_target)]
     best = max(rows, key=lambda r: r["val_aji"])
     return PostProcess(fg_threshold=best["fg_threshold"], marker_h=best["marker_h"]), rows
