@@ -11,7 +11,6 @@ Example:
     >>> import torch
     >>> from benchmarks.equivariance import rotation_error, smooth_image
     >>> from gmr_models import GMRConv
-from gmr_models.layers.oriented import OrientedGMRConv
     >>> x = smooth_image(1, 2, 33)
     >>> rotation_error(GMRConv(2, 2, 2, 5).double(), x, 90.0) < 1e-12
     True

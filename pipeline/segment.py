@@ -32,7 +32,7 @@ from .outputs import disk_errors, slide_lock
 from .read import slide_id
 from .tissue import NoTissueError
 from .stages import Progress, ensure_writable, json_safe, open_configured_slide, run_fingerprint, slide_outputs, tissue_stage
-from .write_geojson import pixel_outline, polygon_feature, write_feature_collection
+from .write_geojson import pixel_pieces, polygon_feature, write_feature_collection
 from .write_zarr import done_chunks, finalize_store, mark_chunk_done, open_partial_store, store_matches, stored_attrs, write_label
 
 __all__ = ["segment_slide", "model_margin_px", "is_field_of_view", "FIELD_OF_VIEW_MAX_PX"]
@@ -217,7 +217,7 @@ def _write_nuclei_geojson(store, path: Path, sid: str, f: float, block_px: int, 
             for value in owned:
                 ya, xa, yb, xb = boxes[value]
                 crop = window[ya - wy0: yb - wy0, xa - wx0: xb - wx0] == value
-                ext, holes = pixel_outline(crop)
+                (ext, holes), *more = pixel_pieces(crop)
 
                 def to_slide(ring, ya=ya, xa=xa):
                     return [((xa + px) * f, (ya + py) * f) for px, py in ring]
@@ -225,7 +225,8 @@ def _write_nuclei_geojson(store, path: Path, sid: str, f: float, block_px: int, 
                 area_px = float(crop.sum())
                 yield polygon_feature(to_slide(ext), "detection", "Nucleus", (255, 0, 255),
                                       {"area px": area_px, "area um^2": area_px * mpp**2}, f"{sid}:nucleus:{value}",
-                                      holes=[to_slide(h) for h in holes])
+                                      holes=[to_slide(h) for h in holes],
+                                      more=[(to_slide(r), [to_slide(h) for h in hs]) for r, hs in more])
 
     _, count = write_feature_collection(features(), path)
     return count

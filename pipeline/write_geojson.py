@@ -1,7 +1,8 @@
 """Write: QuPath-importable GeoJSON (a FeatureCollection in level-0 pixel coordinates).
 
 Tiles become ``objectType: "tile"`` features, nuclei ``"detection"`` features; every feature
-has a UUID ``id``, a plain closed ``Polygon``, ``classification: {name, color}`` and
+has a UUID ``id``, a closed ``Polygon`` (a ``MultiPolygon`` for the rare nucleus a block seam left in
+pieces), ``classification: {name, color}`` and
 ``measurements`` as a name -> number map (QuPath 0.4+ reads a map; the list form is what
 breaks other tools' imports). Ids are UUID5 of the slide and the object, so a re-run writes
 identical files. Features are streamed to a temporary file, then renamed.
@@ -21,24 +22,32 @@ from typing import Iterable, Sequence
 
 from .outputs import atomic_path
 
-__all__ = ["polygon_feature", "write_feature_collection", "pixel_outline"]
+__all__ = ["polygon_feature", "write_feature_collection", "pixel_outline", "pixel_pieces"]
 
 _NAMESPACE = uuid.UUID("6f1c3d2e-6a57-4f7e-9a43-3c7f0c1e5b21")
 
 
 def polygon_feature(ring: Sequence[tuple[float, float]], object_type: str, class_name: str, color: Sequence[int],
-                    measurements: dict, key: str, holes: Sequence[Sequence[tuple[float, float]]] = ()) -> dict:
-    """One QuPath feature; ``ring`` (and each of ``holes``) is closed here if it is not already."""
-    rings = []
-    for r in [ring, *holes]:
-        coords = [[round(float(x), 2), round(float(y), 2)] for x, y in r]
-        if coords[0] != coords[-1]:
-            coords.append(coords[0])
-        rings.append(coords)
+                    measurements: dict, key: str, holes: Sequence[Sequence[tuple[float, float]]] = (),
+                    more: Sequence[tuple] = ()) -> dict:
+    """One QuPath feature; ``ring`` (and each of ``holes``) is closed here if it is not already.
+    ``more``: further ``(ring, holes)`` parts of the same object, which make it a MultiPolygon."""
+    def closed(parts):
+        rings = []
+        for r in parts:
+            coords = [[round(float(x), 2), round(float(y), 2)] for x, y in r]
+            if coords[0] != coords[-1]:
+                coords.append(coords[0])
+            rings.append(coords)
+        return rings
+
+    geometry = {"type": "Polygon", "coordinates": closed([ring, *holes])}
+    if more:
+        geometry = {"type": "MultiPolygon", "coordinates": [geometry["coordinates"]] + [closed([r, *h]) for r, h in more]}
     return {
         "type": "Feature",
         "id": str(uuid.uuid5(_NAMESPACE, key)),
-        "geometry": {"type": "Polygon", "coordinates": rings},
+        "geometry": geometry,
         "properties": {
             "objectType": object_type,
             "classification": {"name": class_name, "color": [int(c) for c in color[:3]]},
@@ -120,6 +129,32 @@ def pixel_outline(mask) -> tuple[list[tuple[int, int]], list[list[tuple[int, int
     exterior = max(outer, key=lambda x: x[0])[1] if outer else loops[0]
     holes = [lp for a, lp in signed if a < 0]
     return exterior, holes
+
+
+def pixel_pieces(mask) -> list[tuple[list[tuple[int, int]], list[list[tuple[int, int]]]]]:
+    """:func:`pixel_outline` of every 4-connected piece of a binary object, the largest first.
+
+    A nucleus is one piece almost always; one cut at a block seam can keep a sliver apart from
+    it, and that sliver's pixels are still the nucleus's (a MultiPolygon in the GeoJSON).
+
+    Shape:
+        ``(H, W)`` bool -> ``[(exterior, holes), ...]`` in the mask's pixel-corner coordinates.
+    """
+    import numpy as np
+    from scipy import ndimage
+
+    pieces, n = ndimage.label(np.asarray(mask, bool))
+    if n <= 1:
+        return [pixel_outline(mask)]
+    sizes = np.bincount(pieces.ravel())[1:]
+    boxes = ndimage.find_objects(pieces)
+    out = []
+    for index in np.argsort(-sizes, kind="stable"):
+        sl = boxes[index]
+        ext, holes = pixel_outline(pieces[sl] == index + 1)
+        shift = lambda ring, r=sl[0].start, c=sl[1].start: [(x + c, y + r) for x, y in ring]  # noqa: E731
+        out.append((shift(ext), [shift(h) for h in holes]))
+    return out
 
 
 def _area(loop) -> float:
