@@ -93,14 +93,14 @@ def stain_option(text: Optional[str]) -> Optional[dict]:
     """``--stain-norm METHOD:REFERENCE`` as a stain target; ``none`` gives ``{}`` (off), no option None."""
     if text is None:
         return None
-    if text.strip().lower() == "none":
-        return {}
-    method, sep, reference = text.partition(":")
-    if not sep or not reference:
-        raise typer.BadParameter(f"--stain-norm takes METHOD:REFERENCE_IMAGE (e.g. macenko:ref.png) or none, got {text!r}")
-    from pipeline.stain import fit_stain_target
+    from pipeline.stain import split_stain_option, stain_option_target
 
+    if text.strip().lower() != "none":
+        try:
+            split_stain_option(text)
+        except ValueError as err:  # the option's form: a usage error
+            raise typer.BadParameter(str(err)) from None
     try:
-        return fit_stain_target(method.strip().lower(), reference)
+        return stain_option_target(text) or {}  # the reference itself: a file error, one line
     except ValueError as err:
         fail(err)

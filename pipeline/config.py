@@ -237,13 +237,16 @@ def _check_types(obj, where: str, source: str) -> None:
             bad("classes", "distinct names")
         if obj.task == "segment" and obj.overlap_px * 2 >= obj.tile_px:
             bad("overlap_px", "less than half of tile_px")
-        if obj.stain_norm is not None:
-            from .stain import STAIN_METHODS
+        if obj.stain_norm is not None and obj.stain_norm != "none":
+            from .stain import STAIN_METHODS, split_stain_option
 
-            method, sep, reference = str(obj.stain_norm).partition(":")
-            if obj.task != "segment" or not (obj.stain_norm == "none" or (sep and method in STAIN_METHODS and reference)):
+            try:
+                _, reference = split_stain_option(obj.stain_norm)
+            except ValueError:
+                reference = None
+            if obj.task != "segment" or reference is None:
                 bad("stain_norm", f"null, 'none' or METHOD:REFERENCE_IMAGE with METHOD one of {STAIN_METHODS} (nuclei only)")
-            if sep and not Path(reference).is_file():
+            if not Path(reference).is_file():
                 bad("stain_norm", f"a reference image that exists ({reference} does not)")
         if obj.task == "classify" and not is_checkpoint_path(obj.model):
             multiple = _size_multiple(obj.model, obj.model_kwargs, len(obj.classes))

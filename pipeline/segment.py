@@ -27,7 +27,7 @@ from typing import Optional
 import numpy as np
 
 from .nuclei import block_origins, margin_px, model_extent, segment_block
-from .stain import fit_stain_target, stain_mapper
+from .stain import stain_mapper, stain_option_target
 from .outputs import disk_errors, slide_lock
 from .read import slide_id
 from .tissue import NoTissueError
@@ -40,18 +40,13 @@ __all__ = ["segment_slide", "model_margin_px", "is_field_of_view", "FIELD_OF_VIE
 FIELD_OF_VIEW_MAX_PX = 2048 * 2048  # a one-level image this small is a crop someone chose: segmented whole
 
 
-
 def segment_stain_target(spec, loaded) -> Optional[dict]:
     """The stain target a run maps slides onto: the config's ``stain_norm`` (``"none"``: no mapping),
     else the checkpoint's own, else None."""
-    if spec.stain_norm == "none":
-        return None
     if spec.stain_norm:
-        method, sep, reference = spec.stain_norm.partition(":")
-        if not sep or not reference:
-            raise ValueError(f"stain_norm must be 'none' or METHOD:REFERENCE_IMAGE, got {spec.stain_norm!r}")
-        return fit_stain_target(method.strip().lower(), reference)
+        return stain_option_target(spec.stain_norm)
     return loaded.meta.get("stain_norm") or None
+
 
 def is_field_of_view(slide) -> bool:
     """A crop (exported from QuPath or Fiji, a dataset image), not a slide: one pyramid level and at

@@ -33,7 +33,7 @@ import numpy as np
 from .read import Slide, read_region
 
 __all__ = ["STAIN_METHODS", "stain_stats", "stain_transfer", "check_stain_target", "slide_stain_stats", "stain_mapper",
-           "fit_stain_target", "typical_stats"]
+           "fit_stain_target", "typical_stats", "split_stain_option", "stain_option_target"]
 
 STAIN_METHODS = ("macenko", "vahadane", "reinhard")
 TISSUE_LUMINOSITY = 0.8  # pixels darker than this (LAB L / 100) are tissue, TIAToolbox's default
@@ -159,6 +159,25 @@ def fit_stain_target(method: str, reference: str) -> dict:
     from pathlib import Path
 
     return {**stats, "reference": Path(reference).name}
+
+
+def split_stain_option(text: str) -> tuple[str, str]:
+    """``"METHOD:REFERENCE_IMAGE"`` as ``(method, reference)``; ValueError for any other form."""
+    method, sep, reference = str(text).partition(":")
+    method = method.strip().lower()
+    if not sep or not reference:
+        raise ValueError(f"stain normalisation takes 'none' or METHOD:REFERENCE_IMAGE (e.g. macenko:ref.png), got {text!r}")
+    if method not in STAIN_METHODS:
+        raise ValueError(f"stain normalisation method must be one of {STAIN_METHODS}, got {method!r}")
+    return method, reference
+
+
+def stain_option_target(text: str) -> Optional[dict]:
+    """The target a ``--stain-norm`` / ``stain_norm`` option names: None for ``"none"``, else the
+    fitted reference (:func:`fit_stain_target`)."""
+    if str(text).strip().lower() == "none":
+        return None
+    return fit_stain_target(*split_stain_option(text))
 
 
 def typical_stats(method: str, images: dict) -> dict:

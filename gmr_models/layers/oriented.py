@@ -39,7 +39,7 @@ from torch import Tensor, nn
 
 from .factories import CONV_FUNCTIONS, check_spatial_dims, layer_type, single_int
 from .gmr_conv import GMRConv
-from .rings import FWHM_PER_SIGMA
+from .rings import FWHM_PER_SIGMA, ring_geometry
 
 __all__ = ["OrientedRings", "OrientedGMRConv", "ORDERS"]
 
@@ -49,7 +49,7 @@ ORDERS = (1, 2)
 def kernel_offsets(spatial_dims: int, kernel_size: int) -> Tensor:
     """Every kernel pixel's offset ``u`` from the centre, float64, ``(k**d, d)`` in row-major order."""
     half = kernel_size // 2
-    axis = torch.arange(-half, half + 1, dtype=torch.float64)
+    axis = torch.arange(-half, half + 1, dtype=torch.float64, device="cpu")  # host geometry, even under a meta device
     return torch.stack(torch.meshgrid(*([axis] * spatial_dims), indexing="ij"), dim=-1).reshape(-1, spatial_dims)
 
 
@@ -67,11 +67,11 @@ def angular_factors(spatial_dims: int, kernel_size: int, order: int) -> tuple[Te
     r2 = torch.where(centre, torch.ones_like(r2), r2)
     if order == 1:
         factors = (u / r2.sqrt()[:, None]).T
-        weights = torch.ones(spatial_dims, dtype=torch.float64)
+        weights = torch.ones(spatial_dims, dtype=torch.float64, device="cpu")
     else:
         pairs = list(itertools.combinations_with_replacement(range(spatial_dims), 2))
         factors = torch.stack([u[:, i] * u[:, j] / r2 - (1.0 / spatial_dims if i == j else 0.0) for i, j in pairs])
-        weights = torch.tensor([1.0 if i == j else 2.0 for i, j in pairs], dtype=torch.float64)
+        weights = torch.tensor([1.0 if i == j else 2.0 for i, j in pairs], dtype=torch.float64, device="cpu")
     factors[:, centre] = 0.0
     return factors, weights
 
@@ -147,9 +147,8 @@ class OrientedRings(nn.Module):
         conv1x1 = layer_type("conv", d)
         self.project = None if c == in_channels else conv1x1(in_channels, c, 1, bias=False, **factory)
         # fixed Gaussian rings (FWHM = ring spacing, the GMRConv init), cut at the inscribed circle
-        radius = kernel_offsets(d, k).square().sum(-1).sqrt()
-        delta = k / (2.0 * (n - 1)) if n > 1 else k / 2.0
-        mu = torch.arange(n, dtype=torch.float64) * delta
+        radius, _, mu, delta = ring_geometry(k, d, n)  # the GMRConv rings' centres and spacing
+        radius = radius[0]
         sigma = delta / FWHM_PER_SIGMA
         rings = torch.exp(-0.5 * ((radius[None] - mu[:, None]) / sigma).square()) * (radius <= k / 2.0)
         buffer_dtype = dtype if dtype is not None else torch.get_default_dtype()
