@@ -530,9 +530,11 @@ def test_segmentation_evaluation_side_by_side_with_classical(tmp_path, nuclei_di
         evaluate(["classical"], DataConfig(kind="folder", root=str(tmp_path)), tmp_path / "x")
 
 
-def test_sensitivity_table_holds_every_setting_and_the_fixed_rule_agrees(tmp_path, nuclei_dir):
-    """--sensitivity: 3 x 6 post-processings, upright; the fixed rule's cell equals the main upright scores."""
-    from training.evaluate import evaluate
+def test_sensitivity_table_holds_every_setting_and_the_fixed_rule_agrees(tmp_path, nuclei_dir, monkeypatch):
+    """--sensitivity: 3 x 6 post-processings, upright; the fixed rule's cell equals the main upright scores,
+    and the network runs once per image (the grid reuses the upright maps)."""
+    import training.evaluate as ev
+    import training.protocol as protocol
     from training.loop import train
     from training.protocol import TUNE_FG, TUNE_H
 
@@ -540,8 +542,17 @@ def test_sensitivity_table_holds_every_setting_and_the_fixed_rule_agrees(tmp_pat
                             {"data": {"root": str(nuclei_dir)}})
     train(cfg, log=lambda s: None)
     ckpt = str(Path(cfg.out) / "best.pt")
-    report = evaluate([ckpt, "classical"], cfg.data, tmp_path / "eval", angles=[0], split="val", log=lambda s: None,
-                      sensitivity=True)
+    calls, original = [], protocol.nuclei_block_maps
+
+    def counted(*args, **kwargs):
+        calls.append(args[1].name)
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(ev, "nuclei_block_maps", counted)
+    monkeypatch.setattr(protocol, "nuclei_block_maps", counted)
+    report = ev.evaluate([ckpt, "classical"], cfg.data, tmp_path / "eval", angles=[0], split="val", log=lambda s: None,
+                         sensitivity=True)
+    assert len(calls) == report["n"] and len(set(calls)) == report["n"]
     grid = report["models"][ckpt]["postprocess_sensitivity"]
     assert len(grid) == len(TUNE_FG) * len(TUNE_H) and "postprocess_sensitivity" not in report["models"]["classical"]
     fixed = next(g for g in grid if g["fg_threshold"] == 0.5 and g["marker_h"] == 0.1)

@@ -30,7 +30,8 @@ from pipeline.config import ModelSpec
 from .config import DataConfig
 from .datasets import load_dataset
 from .metrics import classification_scores, segmentation_scores, semantic_scores
-from .protocol import TUNE_FG, TUNE_H, central_disc, evaluate_nuclei_image, nuclei_probability, postprocess_grid, rotate_image
+from .protocol import (TUNE_FG, TUNE_H, central_disc, evaluate_nuclei_image, native_labels, nuclei_block_maps, nuclei_probability,
+                       postprocess_grid, rotate_image)
 from .records import write_rows
 from .tilesets import batches, tile_split
 
@@ -79,9 +80,12 @@ def _classify(loaded, tiles, angles, device, batch_size: int = 64, workers: int 
             for (kind, value, _), p in zip(views, probs)]
 
 
-def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print, semantic: bool = False) -> list[dict]:
+def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print, semantic: bool = False,
+            upright_maps: Optional[list] = None) -> list[dict]:
     """Instance scores (Dice, AJI, PQ) or, with ``semantic``, foreground-map scores (pixel AUC, IoU, Dice
-    against binary masks: CryoNuSeg, the paper's Table 6) of every image, upright and at every angle."""
+    against binary masks: CryoNuSeg, the paper's Table 6) of every image, upright and at every angle.
+    ``upright_maps``: a list that receives each image's upright block maps (instances of a checkpoint),
+    for :func:`training.protocol.postprocess_grid`."""
     from .classical import classical_nuclei
 
     post = PostProcess(**loaded.meta.get("postprocess", {})) if loaded is not None else None
@@ -100,6 +104,12 @@ def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print,
             elif semantic:
                 pred, valid = nuclei_probability(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std,
                                                  stain_target=loaded.meta.get("stain_norm"))
+            elif angle == 0 and upright_maps is not None:
+                blocks = nuclei_block_maps(loaded.module, s, loaded.spec.mpp, device, 0.0, mean=loaded.mean, std=loaded.std,
+                                           stain_target=loaded.meta.get("stain_norm"))
+                upright_maps.append(blocks)
+                pred = native_labels(blocks, post, loaded.module, s, loaded.spec.mpp, 0.0)
+                valid = central_disc(s.native_labels.shape)
             else:
                 pred, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle,
                                                     mean=loaded.mean, std=loaded.std, stain_target=loaded.meta.get("stain_norm"))
@@ -216,13 +226,15 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         log(f"evaluating {name} on {n} {'tiles' if task == 'classify' else 'images'}")
         if m is not None:
             prepare_model(m, dev)
+        upright_maps = [] if sensitivity and task == "segment" and m is not None else None
         rows = _classify(m, tiles, angles, dev, workers=workers, log=log) if task == "classify" else \
-            _nuclei(m, samples, angles, dev, log, semantic=task == "semantic")
+            _nuclei(m, samples, angles, dev, log, semantic=task == "semantic", upright_maps=upright_maps)
         report["models"][name] = _summarise(rows, metrics)
         if sensitivity and task == "segment" and m is not None:
             log(f"  {name_of(m)}: post-processing sensitivity ({len(TUNE_FG) * len(TUNE_H)} settings, upright)")
             report["models"][name]["postprocess_sensitivity"] = postprocess_grid(
-                m.module, samples, m.spec.mpp, dev, mean=m.mean, std=m.std, stain_target=m.meta.get("stain_norm"), full=True)
+                m.module, samples, m.spec.mpp, dev, mean=m.mean, std=m.std, stain_target=m.meta.get("stain_norm"), full=True,
+                maps=upright_maps)
         all_rows += [{"model": name, **r} for r in rows]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

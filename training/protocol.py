@@ -17,14 +17,14 @@ Example::
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
 from pipeline.instances import PostProcess
 from pipeline.nuclei import image_block_maps, labels_from_block_maps, labels_to_native, margin_px, probability_from_block_maps
 
-__all__ = ["rotate_image", "central_disc", "nuclei_block_maps", "evaluate_nuclei_image", "nuclei_probability",
+__all__ = ["rotate_image", "central_disc", "nuclei_block_maps", "native_labels", "evaluate_nuclei_image", "nuclei_probability",
            "tune_postprocess", "postprocess_grid", "TUNE_FG", "TUNE_H"]
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -77,7 +77,13 @@ def _upright_native(image: np.ndarray, sample, model_mpp: float, angle: float, n
     return native if angle % 360 == 0 else rotate_image(native, -angle, nearest=nearest, border="constant")
 
 
-def _native_labels(blocks: list[tuple], post: PostProcess, module, sample, model_mpp: float, angle: float) -> np.ndarray:
+def native_labels(blocks: list[tuple], post: PostProcess, module, sample, model_mpp: float, angle: float) -> np.ndarray:
+    """Instances of :func:`nuclei_block_maps`' blocks (of the sample rotated by ``angle``) on the
+    sample's native pixel grid, turned back upright.
+
+    Shape:
+        returns ``(H, W)`` int32 (the sample's native image size).
+    """
     from skimage.segmentation import relabel_sequential
 
     labels = relabel_sequential(labels_from_block_maps(blocks, post, margin_px(module)).astype(np.int64))[0].astype(np.int32)
@@ -95,7 +101,7 @@ def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostPr
         sample image ``(H, W, 3)`` -> ``(H, W)`` int32 labels and ``(H, W)`` bool.
     """
     blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std, stain_target)
-    return _native_labels(blocks, post, module, sample, model_mpp, angle), central_disc(sample.native_image.shape)
+    return native_labels(blocks, post, module, sample, model_mpp, angle), central_disc(sample.native_image.shape)
 
 
 def nuclei_probability(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
@@ -112,12 +118,15 @@ def nuclei_probability(module, sample, model_mpp: float, device, angle: float = 
 
 
 def postprocess_grid(module, samples, model_mpp: float, device, amp: bool = True, progress=None,
-                     stain_target: Optional[dict] = None, mean=MEAN, std=STD, full: bool = False) -> list[dict]:
+                     stain_target: Optional[dict] = None, mean=MEAN, std=STD, full: bool = False,
+                     maps: Optional[Sequence[list]] = None) -> list[dict]:
     """Mean scores of every ``TUNE_FG`` x ``TUNE_H`` post-processing on ``samples``, upright; the network
     runs once per image. ``full``: Dice, AJI and PQ (a sensitivity table), else AJI only.
 
     Args:
         progress: called as ``progress(done, total)`` after each image's maps and each setting.
+        maps: each sample's upright block maps (:func:`nuclei_block_maps`) when already computed:
+            the network is not run again.
     """
     from gmr_models import freeze_kernels
 
@@ -125,8 +134,10 @@ def postprocess_grid(module, samples, model_mpp: float, device, amp: bool = True
 
     freeze_kernels(module.eval())
     total = len(samples) + len(TUNE_FG) * len(TUNE_H)
-    maps = []
-    for s in samples:
+    if maps is not None and len(maps) != len(samples):
+        raise ValueError(f"maps: {len(maps)} block-map lists for {len(samples)} samples")
+    maps = list(maps) if maps is not None else []
+    for s in samples[len(maps):]:
         maps.append(nuclei_block_maps(module, s, model_mpp, device, 0.0, amp, mean, std, stain_target=stain_target))
         if progress is not None:
             progress(len(maps), total)
@@ -134,7 +145,7 @@ def postprocess_grid(module, samples, model_mpp: float, device, amp: bool = True
     for fg in TUNE_FG:
         for h in TUNE_H:
             post = PostProcess(fg_threshold=fg, marker_h=h)
-            labels = [(s.native_labels, _native_labels(m, post, module, s, model_mpp, 0.0)) for s, m in zip(samples, maps)]
+            labels = [(s.native_labels, native_labels(m, post, module, s, model_mpp, 0.0)) for s, m in zip(samples, maps)]
             if full:
                 scores = [segmentation_scores(t, p) for t, p in labels]
                 row = {k: float(np.mean([sc[k] for sc in scores])) for k in ("dice", "aji", "pq")}
