@@ -137,9 +137,10 @@ def segment_block(module, mean, std, slide: Slide, origin_xy: tuple[int, int], s
 
 def image_block_maps(module, mean, std, image: np.ndarray, image_mpp: float, model_mpp: float, device, amp: bool = True,
                      tta: str = "none", block_px: int = 1024, margin: Optional[int] = None,
-                     stain_target: Optional[dict] = None) -> Iterator[tuple]:
+                     stain_target: Optional[dict] = None, stain_source: Optional[dict] = None) -> Iterator[tuple]:
     """``(origin_xy, size_wh, maps)`` of every block of an in-memory image, read as a slide is
-    (with ``stain_target``, its colours mapped onto the target's as a slide's are).
+    (with ``stain_target``, its colours mapped onto the target's as a slide's are; from
+    ``stain_source``, the image's stain stats, when they were measured already).
 
     Keep the maps to try several post-processings without running the network again
     (:func:`labels_from_block_maps`).
@@ -147,7 +148,7 @@ def image_block_maps(module, mean, std, image: np.ndarray, image_mpp: float, mod
     from .stain import stain_mapper
 
     slide = slide_from_array(image, image_mpp)
-    stain = stain_mapper(slide, stain_target, model_mpp)
+    stain = stain_mapper(slide, stain_target, model_mpp, stain_source)
     margin = margin_px(module) if margin is None else margin
     width, height, _ = model_extent(slide, model_mpp)
     for x0, y0 in block_origins(width, height, block_px):

@@ -213,9 +213,12 @@ def slide_stain_stats(slide: Slide, method: str, fine_mpp: float) -> dict:
         raise ValueError(f"{slide.path}: {err}") from None
 
 
-def stain_mapper(slide: Slide, target: Optional[dict], fine_mpp: float) -> Optional[Callable[[np.ndarray], np.ndarray]]:
-    """The per-block colour map of a slide onto ``target`` (None when there is no target)."""
+def stain_mapper(slide: Slide, target: Optional[dict], fine_mpp: float,
+                 source: Optional[dict] = None) -> Optional[Callable[[np.ndarray], np.ndarray]]:
+    """The per-block colour map of a slide onto ``target`` (None when there is no target).
+    ``source``: the slide's stats when already measured (:func:`slide_stain_stats`), for
+    example on the upright image of a rotated copy, so every copy is mapped the same way."""
     if not target:
         return None
-    source = slide_stain_stats(slide, check_stain_target(target)["method"], fine_mpp)
+    source = source if source is not None else slide_stain_stats(slide, check_stain_target(target)["method"], fine_mpp)
     return lambda window: stain_transfer(window, source, target)

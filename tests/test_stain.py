@@ -220,3 +220,32 @@ def test_cli_stain_norm_errors_are_one_line(tmp_path):
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "o" / "crop" / "crop.nuclei.summary.json").read_text())
     assert summary["stain_norm"] == "macenko onto crop.png"
+
+
+def test_rotated_copies_are_mapped_with_the_upright_stains(monkeypatch):
+    """Evaluation maps every rotated copy of an image with the upright image's stain stats (a 45-degree
+    copy, with its reflected corners, measures other stats of its own)."""
+    import torch
+
+    import pipeline.stain as stain
+    from pipeline.read import slide_from_array
+    from training.datasets import Sample
+    from training.protocol import nuclei_block_maps, rotate_image
+
+    image = restain(he_crop(128), 0.6, 1.4)
+    target = stain_stats("macenko", he_crop(128))
+    upright = slide_stain_stats(slide_from_array(image, 0.5), "macenko", 0.5)
+    seen, real = [], stain.stain_transfer
+    monkeypatch.setattr(stain, "stain_transfer", lambda window, source, tgt: (seen.append(source), real(window, source, tgt))[1])
+    sample = Sample(name="x", image=image, group="x", native_image=image, native_mpp=0.5)
+    module = torch.nn.Conv2d(3, 2, 1)
+
+    def same(a, b) -> bool:
+        return all(np.allclose(a[k], b[k], rtol=0, atol=1e-12) for k in ("stain_matrix", "max_concentration"))
+
+    for angle in (0.0, 90.0, 45.0):
+        seen.clear()
+        nuclei_block_maps(module, sample, 0.5, torch.device("cpu"), angle, amp=False, stain_target=target)
+        assert seen and all(same(s, upright) for s in seen), angle
+    own = slide_stain_stats(slide_from_array(rotate_image(image, 45.0), 0.5), "macenko", 0.5)
+    assert not same(own, upright)

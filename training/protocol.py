@@ -64,9 +64,18 @@ def central_disc(shape) -> np.ndarray:
 
 def nuclei_block_maps(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
                       mean=MEAN, std=STD, stain_target: Optional[dict] = None) -> list[tuple]:
-    """The network's block maps of one (rotated) sample, as ``gmrpath segment`` computes them."""
+    """The network's block maps of one (rotated) sample, as ``gmrpath segment`` computes them. With a
+    ``stain_target``, every rotated copy is mapped with the stain stats of the upright image."""
+    source = None
+    if stain_target:
+        from pipeline.read import slide_from_array
+        from pipeline.stain import check_stain_target, slide_stain_stats
+
+        source = slide_stain_stats(slide_from_array(sample.native_image, sample.native_mpp),
+                                   check_stain_target(stain_target)["method"], model_mpp)
     img = rotate_image(sample.native_image, angle)
-    return list(image_block_maps(module, mean, std, img, sample.native_mpp, model_mpp, device, amp, stain_target=stain_target))
+    return list(image_block_maps(module, mean, std, img, sample.native_mpp, model_mpp, device, amp, stain_target=stain_target,
+                                 stain_source=source))
 
 
 def _upright_native(image: np.ndarray, sample, model_mpp: float, angle: float, nearest: bool) -> np.ndarray:
