@@ -93,7 +93,8 @@ def write_cfg(tmp_path, **kw) -> Path:
 
 # --- config ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("name", ["train_nuclei_gmr_stain", "train_nuclei_unet_stain", "train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet", "train_nuclei_gmr_oriented", "train_nuclei_gmr_stainnorm", "train_kather_gmr_oriented", "train_nuclei_gmr_looo", "train_cryonuseg_gmr_oriented"])
+@pytest.mark.parametrize("name", ["train_nuclei_gmr_stain", "train_nuclei_unet_stain", "train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet", "train_nuclei_gmr_oriented", "train_nuclei_gmr_stainnorm", "train_kather_gmr_oriented", "train_nuclei_gmr_looo", "train_cryonuseg_gmr_oriented",
+                                  "train_nuclei_gmr_oriented_long", "train_nuclei_unet_stain_long"])
 def test_shipped_training_configs_load(name):
     cfg = load_train_config(REPO / "configs" / f"{name}.yaml", check_paths=SHARED_DATA.is_dir())
     assert cfg.augment.geometric is False  # the paper's protocol: no rotation augmentation
