@@ -769,3 +769,23 @@ def test_a_validation_loss_far_above_training_is_flagged():
     assert line.startswith("warning: epoch 3: validation loss 7.672e+05 is over 100x the training loss 2.08")
     assert loss_warning({"epoch": 3, "train_loss": 2.08, "val_loss": 2.5}) == ""
     assert loss_warning({"epoch": 3, "train_loss": 0.4}) == ""  # segmentation rows have no val_loss
+
+
+def test_train_cli_threads_sets_torchs_thread_count(tmp_path):
+    """--threads N: torch uses N threads for the run (runs sharing a machine each take their share);
+    0 is refused before anything starts."""
+    import torch
+    from typer.testing import CliRunner
+
+    from gmrpath.cli import app
+
+    before = torch.get_num_threads()
+    wanted = 1 if before != 1 else 2
+    try:
+        path = write_cfg(tmp_path, epochs=-1)  # a config that is refused: the thread count is set before it is read
+        result = CliRunner().invoke(app, ["train", str(path), "--threads", str(wanted), "--set", f"data.root={tmp_path}"])
+        assert result.exit_code == 1 and torch.get_num_threads() == wanted
+    finally:
+        torch.set_num_threads(before)
+    result = CliRunner().invoke(app, ["train", str(path), "--threads", "0"])
+    assert result.exit_code == 2 and "--threads" in result.output

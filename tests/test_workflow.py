@@ -137,6 +137,15 @@ def test_snakemake_rejects_a_bad_config_before_any_work(tmp_path):
     assert not (tmp_path / "o").exists()
 
 
+def test_snakemake_train_rule_gives_the_run_its_threads():
+    """The training rule passes Snakemake's thread count to `gmrpath train --threads`, so runs that
+    Snakemake schedules side by side do not oversubscribe the cores."""
+    proc = subprocess.run([sys.executable, "-m", "snakemake", "--cores", "1", "-n", "-p", "-F", "results/train/kather_gmr/summary.json"],
+                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "train configs/train_kather_gmr.yaml --threads 1 " in proc.stdout + proc.stderr
+
+
 def _ring_area_centroid(ring):
     a = cx = cy = 0.0
     for (x0, y0), (x1, y1) in zip(ring[:-1], ring[1:]):

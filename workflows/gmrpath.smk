@@ -159,4 +159,4 @@ rule train:
     resources:
         gpu=1 if CFG.run.device.startswith("cuda") else 0,
     shell:
-        "{GMRPATH} train {input.config:q} $([ -f results/train/{wildcards.name}/last.pt ] && echo --resume) > {log:q} 2>&1"
+        "{GMRPATH} train {input.config:q} --threads {threads} $([ -f results/train/{wildcards.name}/last.pt ] && echo --resume) > {log:q} 2>&1"
