@@ -96,9 +96,10 @@ def test_a_slide_is_mapped_once_so_blocks_agree():
     assert stain_mapper(slide, None, 0.5) is None
 
 
-def test_training_stores_the_target_and_segment_and_evaluate_use_it(tmp_path):
+def test_training_stores_the_target_and_segment_and_evaluate_use_it(tmp_path, monkeypatch):
     """A run with stain_norm maps its images, stores the reference's stats in best.pt; `gmrpath segment`
-    and evaluation then map each image onto them (the output changes), and --stain-norm none turns it off."""
+    and evaluation then map each image onto them (the output changes; evaluation measures each image's
+    stains once, for all its angles), and --stain-norm none turns it off."""
     import tifffile
     import torch
 
@@ -158,8 +159,14 @@ def test_training_stores_the_target_and_segment_and_evaluate_use_it(tmp_path):
 
     from training.config import DataConfig
 
+    import pipeline.stain as stain
+
     data = DataConfig(kind="nuclei", root=str(root), mpp=0.5, val_fraction=0.0)
-    with_map = evaluate([str(ckpt)], data, tmp_path / "e1", angles=[0], log=lambda s: None, task="semantic")
+    measured, real = [], stain.slide_stain_stats
+    monkeypatch.setattr(stain, "slide_stain_stats", lambda *a: (measured.append(a[0]), real(*a))[1])
+    with_map = evaluate([str(ckpt)], data, tmp_path / "e1", angles=[0, 90, 45], log=lambda s: None, task="semantic")
+    assert len(measured) == with_map["n"] == 3  # once per image, not once per angle
+    monkeypatch.undo()
     without = evaluate([str(ckpt)], data, tmp_path / "e2", angles=[0], log=lambda s: None, task="semantic", stain_norm={})
     assert with_map["models"][str(ckpt)]["auc_upright"] != without["models"][str(ckpt)]["auc_upright"]
 

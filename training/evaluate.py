@@ -30,8 +30,8 @@ from pipeline.config import ModelSpec
 from .config import DataConfig
 from .datasets import load_dataset
 from .metrics import classification_scores, segmentation_scores, semantic_scores
-from .protocol import (TUNE_FG, TUNE_H, central_disc, evaluate_nuclei_image, native_labels, nuclei_block_maps, nuclei_probability,
-                       postprocess_grid, rotate_image)
+from .protocol import (TUNE_FG, TUNE_H, central_disc, native_labels, nuclei_block_maps, nuclei_probability, postprocess_grid,
+                       rotate_image, upright_stain_stats)
 from .records import write_rows
 from .tilesets import batches, tile_split
 
@@ -93,8 +93,10 @@ def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print,
     def score(truth, pred, mask=None) -> dict:
         return semantic_scores(pred, truth, mask) if semantic else segmentation_scores(truth, pred, mask)
 
+    target = loaded.meta.get("stain_norm") if loaded is not None else None
     rows = []
     for s in samples:
+        source = upright_stain_stats(s, target, loaded.spec.mpp) if target else None  # once per image, for every angle
         for angle in [0.0] + [float(a) for a in angles if a % 360]:
             if loaded is None:
                 labels = classical_nuclei(rotate_image(s.native_image, angle), s.native_mpp)
@@ -103,16 +105,14 @@ def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print,
                 valid = central_disc(s.native_labels.shape)
             elif semantic:
                 pred, valid = nuclei_probability(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std,
-                                                 stain_target=loaded.meta.get("stain_norm"))
-            elif angle == 0 and upright_maps is not None:
-                blocks = nuclei_block_maps(loaded.module, s, loaded.spec.mpp, device, 0.0, mean=loaded.mean, std=loaded.std,
-                                           stain_target=loaded.meta.get("stain_norm"))
-                upright_maps.append(blocks)
-                pred = native_labels(blocks, post, loaded.module, s, loaded.spec.mpp, 0.0)
-                valid = central_disc(s.native_labels.shape)
+                                                 stain_target=target, stain_source=source)
             else:
-                pred, valid = evaluate_nuclei_image(loaded.module, s, loaded.spec.mpp, device, post, angle,
-                                                    mean=loaded.mean, std=loaded.std, stain_target=loaded.meta.get("stain_norm"))
+                blocks = nuclei_block_maps(loaded.module, s, loaded.spec.mpp, device, angle, mean=loaded.mean, std=loaded.std,
+                                           stain_target=target, stain_source=source)
+                if angle == 0 and upright_maps is not None:
+                    upright_maps.append(blocks)
+                pred = native_labels(blocks, post, loaded.module, s, loaded.spec.mpp, angle)
+                valid = central_disc(s.native_labels.shape)
             if angle == 0:
                 rows.append({"image": s.name, "view": "upright", "value": 0.0, **score(s.native_labels, pred)})
             rows.append({"image": s.name, "view": "angle", "value": angle, **score(s.native_labels, pred, valid)})

@@ -37,7 +37,7 @@ from pipeline.models import save_checkpoint, state_mismatch
 from .augment import build_augment
 from .config import TrainConfig, config_dict
 from .datasets import LoadedData, load_dataset
-from .protocol import MEAN, STD, TUNE_FG, TUNE_H, evaluate_nuclei_image, tune_postprocess
+from .protocol import MEAN, STD, TUNE_FG, TUNE_H, evaluate_nuclei_image, tune_postprocess, upright_stain_stats
 from .records import atomic_save, code_version, write_rows
 from .samples import NucleiCrops
 from .tilesets import batches as _batches, tile_sets
@@ -131,11 +131,13 @@ def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dic
     post = PostProcess()
     rows = []
     for s in data.val:  # default post-processing here; tuned once at the end of the run
-        labels, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, 0.0, cfg.amp, stain_target=data.stain_target)
+        source = upright_stain_stats(s, data.stain_target, cfg.mpp)  # once per image, for every angle
+        labels, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, 0.0, cfg.amp, stain_target=data.stain_target,
+                                              stain_source=source)
         rows.append(segmentation_scores(s.native_labels, labels))
         for angle in cfg.val_angles:
             rot, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, float(angle), cfg.amp,
-                                               stain_target=data.stain_target)
+                                               stain_target=data.stain_target, stain_source=source)
             sc = segmentation_scores(s.native_labels, rot, valid)
             rows[-1].update({f"dice_{angle:g}": sc["dice"], f"aji_{angle:g}": sc["aji"]})
     return {f"val_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]} if rows else {}

@@ -24,7 +24,7 @@ import numpy as np
 from pipeline.instances import PostProcess
 from pipeline.nuclei import image_block_maps, labels_from_block_maps, labels_to_native, margin_px, probability_from_block_maps
 
-__all__ = ["rotate_image", "central_disc", "nuclei_block_maps", "native_labels", "evaluate_nuclei_image", "nuclei_probability",
+__all__ = ["rotate_image", "central_disc", "upright_stain_stats", "nuclei_block_maps", "native_labels", "evaluate_nuclei_image", "nuclei_probability",
            "tune_postprocess", "postprocess_grid", "TUNE_FG", "TUNE_H"]
 
 MEAN, STD = (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
@@ -62,20 +62,28 @@ def central_disc(shape) -> np.ndarray:
     return (yy - (h - 1) / 2) ** 2 + (xx - (w - 1) / 2) ** 2 <= (min(h, w) / 2 - 1) ** 2
 
 
-def nuclei_block_maps(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
-                      mean=MEAN, std=STD, stain_target: Optional[dict] = None) -> list[tuple]:
-    """The network's block maps of one (rotated) sample, as ``gmrpath segment`` computes them. With a
-    ``stain_target``, every rotated copy is mapped with the stain stats of the upright image."""
-    source = None
-    if stain_target:
-        from pipeline.read import slide_from_array
-        from pipeline.stain import check_stain_target, slide_stain_stats
+def upright_stain_stats(sample, stain_target: Optional[dict], model_mpp: float) -> Optional[dict]:
+    """The stain stats of a sample's upright image (None without a target): measure them once per
+    image and pass them as ``stain_source``, so every rotated copy is mapped the same way."""
+    if not stain_target:
+        return None
+    from pipeline.read import slide_from_array
+    from pipeline.stain import check_stain_target, slide_stain_stats
 
-        source = slide_stain_stats(slide_from_array(sample.native_image, sample.native_mpp),
-                                   check_stain_target(stain_target)["method"], model_mpp)
+    return slide_stain_stats(slide_from_array(sample.native_image, sample.native_mpp), check_stain_target(stain_target)["method"],
+                             model_mpp)
+
+
+def nuclei_block_maps(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
+                      mean=MEAN, std=STD, stain_target: Optional[dict] = None, stain_source: Optional[dict] = None) -> list[tuple]:
+    """The network's block maps of one (rotated) sample, as ``gmrpath segment`` computes them. With a
+    ``stain_target``, every rotated copy is mapped with the upright image's stain stats
+    (``stain_source``, from :func:`upright_stain_stats`; measured here when not given)."""
+    if stain_target and stain_source is None:
+        stain_source = upright_stain_stats(sample, stain_target, model_mpp)
     img = rotate_image(sample.native_image, angle)
     return list(image_block_maps(module, mean, std, img, sample.native_mpp, model_mpp, device, amp, stain_target=stain_target,
-                                 stain_source=source))
+                                 stain_source=stain_source))
 
 
 def _upright_native(image: np.ndarray, sample, model_mpp: float, angle: float, nearest: bool) -> np.ndarray:
@@ -100,7 +108,8 @@ def native_labels(blocks: list[tuple], post: PostProcess, module, sample, model_
 
 
 def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostProcess, angle: float = 0.0,
-                          amp: bool = True, mean=MEAN, std=STD, stain_target: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+                          amp: bool = True, mean=MEAN, std=STD, stain_target: Optional[dict] = None,
+                          stain_source: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
     """Instances predicted for one nuclei sample on its native pixel grid, optionally rotated.
 
     Returns ``(instances, valid)``: ``valid`` is the central disc, inside the image at every
@@ -109,19 +118,20 @@ def evaluate_nuclei_image(module, sample, model_mpp: float, device, post: PostPr
     Shape:
         sample image ``(H, W, 3)`` -> ``(H, W)`` int32 labels and ``(H, W)`` bool.
     """
-    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std, stain_target)
+    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std, stain_target, stain_source)
     return native_labels(blocks, post, module, sample, model_mpp, angle), central_disc(sample.native_image.shape)
 
 
 def nuclei_probability(module, sample, model_mpp: float, device, angle: float = 0.0, amp: bool = True,
-                       mean=MEAN, std=STD, stain_target: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
+                       mean=MEAN, std=STD, stain_target: Optional[dict] = None,
+                       stain_source: Optional[dict] = None) -> tuple[np.ndarray, np.ndarray]:
     """The foreground probability (x255, as ``gmrpath segment`` writes it) of one (rotated) sample
     on its native pixel grid, rotated back; with the central disc (see :func:`evaluate_nuclei_image`).
 
     Shape:
         sample image ``(H, W, 3)`` -> ``(H, W)`` uint8 and ``(H, W)`` bool.
     """
-    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std, stain_target)
+    blocks = nuclei_block_maps(module, sample, model_mpp, device, angle, amp, mean, std, stain_target, stain_source)
     prob = probability_from_block_maps(blocks, margin_px(module))
     return _upright_native(prob, sample, model_mpp, angle, nearest=angle % 90 == 0), central_disc(sample.native_image.shape)
 
@@ -143,13 +153,14 @@ def postprocess_grid(module, samples, model_mpp: float, device, amp: bool = True
 
     freeze_kernels(module.eval())
     total = len(samples) + len(TUNE_FG) * len(TUNE_H)
-    if maps is not None and len(maps) != len(samples):
+    if maps is None:
+        maps = []
+        for s in samples:
+            maps.append(nuclei_block_maps(module, s, model_mpp, device, 0.0, amp, mean, std, stain_target=stain_target))
+            if progress is not None:
+                progress(len(maps), total)
+    elif len(maps) != len(samples):
         raise ValueError(f"maps: {len(maps)} block-map lists for {len(samples)} samples")
-    maps = list(maps) if maps is not None else []
-    for s in samples[len(maps):]:
-        maps.append(nuclei_block_maps(module, s, model_mpp, device, 0.0, amp, mean, std, stain_target=stain_target))
-        if progress is not None:
-            progress(len(maps), total)
     rows = []
     for fg in TUNE_FG:
         for h in TUNE_H:
