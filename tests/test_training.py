@@ -94,7 +94,7 @@ def write_cfg(tmp_path, **kw) -> Path:
 # --- config ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["train_nuclei_gmr_stain", "train_nuclei_unet_stain", "train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet", "train_nuclei_gmr_oriented", "train_nuclei_gmr_stainnorm", "train_kather_gmr_oriented", "train_nuclei_gmr_looo", "train_cryonuseg_gmr_oriented",
-                                  "train_nuclei_gmr_oriented_long", "train_nuclei_unet_stain_long"])
+                                  "train_nuclei_gmr_oriented_long", "train_nuclei_unet_stain_long", "train_nuclei_gmr_cryo"])
 def test_shipped_training_configs_load(name):
     cfg = load_train_config(REPO / "configs" / f"{name}.yaml", check_paths=SHARED_DATA.is_dir())
     assert cfg.augment.geometric is False  # the paper's protocol: no rotation augmentation
@@ -789,3 +789,97 @@ def test_train_cli_threads_sets_torchs_thread_count(tmp_path):
         torch.set_num_threads(before)
     result = CliRunner().invoke(app, ["train", str(path), "--threads", "0"])
     assert result.exit_code == 2 and "--threads" in result.output
+
+
+# --- binary-mask images added to training (data.extra, semantic) ------------------------------------------------
+
+@pytest.fixture(scope="module")
+def binary_dir(tmp_path_factory):
+    """A CryoNuSeg-like set: 0/255 foreground masks (touching nuclei merged) and a split CSV naming only some images."""
+    root = tmp_path_factory.mktemp("binary")
+    (root / "images").mkdir()
+    (root / "masks").mkdir()
+    rng = np.random.default_rng(3)
+    for i in range(3):
+        img, lab = blobs(rng, size=64)
+        Image.fromarray(img).save(root / "images" / f"bin_0{i}.png")
+        Image.fromarray(((lab > 0) * 255).astype(np.uint8)).save(root / "masks" / f"bin_0{i}.png")
+    (root / "split.csv").write_text("image,split\nbin_00,train\nbin_01,train\n")  # bin_02 is a test image: unused
+    return root
+
+
+def test_extra_binary_sets_only_add_training_images_without_a_distance_target(nuclei_dir, binary_dir):
+    from training.samples import model_targets
+
+    extra = DataConfig(kind="nuclei", root=str(binary_dir), labels="masks", mpp=0.5, semantic=True, split_csv=str(binary_dir / "split.csv"))
+    cfg = DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, val_fraction=0.4)
+    plain = load_dataset(cfg, "segment", 0.5, 32)
+    data = load_dataset(DataConfig(**{**cfg.__dict__, "extra": [extra]}), "segment", 0.5, 32)
+    added = [s for s in data.train if s.semantic]
+    assert sorted(s.name for s in added) == [f"{binary_dir.name}/bin_00", f"{binary_dir.name}/bin_01"]  # not bin_02
+    assert [s.name for s in data.val] == [s.name for s in plain.val]  # validation is the main set's alone
+    assert [s.name for s in data.train if not s.semantic] == [s.name for s in plain.train]
+    assert data.digest != plain.digest
+    t = model_targets(added[0])
+    assert (t[..., 1] == -1).all() and np.array_equal(t[..., 0] > 0.5, added[0].labels > 0)
+    assert (model_targets(data.train[0])[..., 1] >= 0).all()  # instance-mask images keep their distance target
+    x, y = NucleiCrops(added, 32, 4)[0]
+    assert (y[1] == -1).all() and y[0].max() > 0
+
+
+def test_segment_loss_ignores_the_distance_of_binary_mask_images_and_is_unchanged_otherwise():
+    from torch.nn import functional as F
+
+    from training.loop import segment_loss
+
+    torch.manual_seed(0)
+    logits = torch.randn(2, 2, 16, 16)
+    target = torch.rand(2, 2, 16, 16)
+    target[:, 0] = (target[:, 0] > 0.5).float()
+    # with every distance known, the loss is the original one (plain mean of the distance error)
+    p, fg = logits[:, 0].sigmoid(), target[:, 0]
+    err = (logits[:, 1].sigmoid() - target[:, 1]).square()
+    near = F.max_pool2d(fg[:, None], 5, stride=1, padding=2)[:, 0]
+    want = (F.binary_cross_entropy_with_logits(logits[:, 0], fg) + 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
+            + 2 * err.mean() + (err * near).sum() / near.sum())
+    assert torch.allclose(segment_loss(logits, target, 1.0), want, atol=1e-6)
+    # a binary-mask image (distance -1): its distance logits get no gradient, its foreground logits do
+    target[1, 1] = -1
+    logits.requires_grad_(True)
+    segment_loss(logits, target, 1.0).backward()
+    assert logits.grad[1, 1].abs().max() == 0 and logits.grad[1, 0].abs().max() > 0 and logits.grad[0, 1].abs().max() > 0
+
+
+@pytest.mark.parametrize("extra, key", [
+    ("nope", "data.extra"), ([{"kind": "folder", "mpp": 0.5}], r"data.extra\[0\]"), ([{"root": "x"}], r"data.extra\[0\].mpp"),
+    ([{"mpp": 0.5, "bogus": 1}], r"data.extra\[0\]"), ([{"mpp": 0.5, "semantic": "yes"}], r"data.extra\[0\].semantic"),
+])
+def test_bad_extra_sets_name_the_key(tmp_path, extra, key):
+    path = write_cfg(tmp_path, data={"extra": extra})
+    with pytest.raises(TrainConfigError, match=key) as err:
+        load_train_config(path, {"data": {"root": str(tmp_path)}})
+    assert str(path) in str(err.value)
+
+
+def test_extra_set_paths_are_resolved_and_checked(tmp_path, binary_dir):
+    path = write_cfg(tmp_path, data={"extra": [{"root": str(binary_dir), "labels": "masks", "mpp": 0.5, "semantic": True,
+                                                "split_csv": "split.csv"}]})
+    with pytest.raises(TrainConfigError, match=r"data.extra\[0\].split_csv .* does not exist"):
+        load_train_config(path, {"data": {"root": str(tmp_path)}})
+    (tmp_path / "split.csv").write_text((binary_dir / "split.csv").read_text())
+    cfg = load_train_config(path, {"data": {"root": str(tmp_path)}})
+    assert cfg.data.extra[0].split_csv == str(tmp_path / "split.csv") and cfg.data.extra[0].semantic is True
+
+
+def test_training_with_an_extra_binary_set_runs_and_counts_its_images(tmp_path, nuclei_dir, binary_dir):
+    from training.loop import train
+
+    path = write_cfg(tmp_path, epochs=1, select="last", postprocess="fixed", separation_weight=1.0, val_angles=[],
+                     data={"extra": [{"root": str(binary_dir), "labels": "masks", "mpp": 0.5, "semantic": True,
+                                      "split_csv": str(binary_dir / "split.csv")}]})
+    lines = []
+    summary = train(load_train_config(path, {"data": {"root": str(nuclei_dir)}}), log=lines.append)
+    assert any(line.startswith("data: 5 train / 2 val images") for line in lines)  # 3 + the 2 named binary images
+    assert summary["best_epoch"] == 1 and any("train_loss=" in line and "nan" not in line for line in lines)
+    saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert saved["data"]["extra"][0]["semantic"] is True  # the run's config records the extra set

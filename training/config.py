@@ -52,6 +52,13 @@ class DataConfig:
             leaves one organ out per fold).
         folds, fold: k-fold cross-validation instead: the groups, shuffled with ``seed``, are
             dealt into ``folds`` folds and fold ``fold`` is the validation side.
+        semantic: nuclei: the masks are binary foreground (touching nuclei merged, as in
+            CryoNuSeg), so each nucleus's distance map is unknown: only the foreground loss
+            trains on these images.
+        extra: nuclei: more sets that only add training images, each a mapping of the keys
+            above (its own ``root``, ``mpp``, ``labels``, ``semantic``...; its ``split_csv``'s
+            ``train`` rows, or all its images without one). Validation, and so every choice,
+            stays on this set's validation side.
     """
 
     kind: str = "nuclei"
@@ -70,6 +77,8 @@ class DataConfig:
     group_column: str = "group"
     folds: int = 0
     fold: int = 0
+    semantic: bool = False
+    extra: list = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -180,6 +189,10 @@ def _build(cls, data: Any, where: str, source: str):
     if unknown:
         raise TrainConfigError(f"{source}: unknown key(s) {unknown} in {where or 'top level'}; allowed: {sorted(known)}")
     kwargs = {k: (_build(_NESTED[k], v, k, source) if k in _NESTED and cls is TrainConfig else v) for k, v in data.items()}
+    if cls is DataConfig and "extra" in kwargs:
+        if not isinstance(kwargs["extra"], list):
+            raise TrainConfigError(f"{source}: data.extra must be a list of data mappings, got {type(kwargs['extra']).__name__}")
+        kwargs["extra"] = [_build(DataConfig, e, f"data.extra[{i}]", source) for i, e in enumerate(kwargs["extra"])]
     return cls(**kwargs)
 
 
@@ -241,6 +254,18 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("data.folds", "0 (no cross-validation) or an int >= 2", d.folds)
     if isinstance(d.fold, bool) or not isinstance(d.fold, int) or not 0 <= d.fold < max(d.folds, 1):
         bad("data.fold", f"an int in [0, {max(d.folds, 1)})", d.fold)
+    if not isinstance(d.semantic, bool) or (d.semantic and d.kind != "nuclei"):
+        bad("data.semantic", "true or false (true only for data.kind nuclei)", d.semantic)
+    if d.extra and (cfg.task != "segment" or d.kind != "nuclei"):
+        bad("data.extra", "empty except for nuclei segmentation (task segment, data.kind nuclei)", d.extra)
+    for i, e in enumerate(d.extra):
+        where = f"data.extra[{i}]"
+        if e.kind != "nuclei" or e.extra or e.folds or e.val_root is not None:
+            bad(where, "a nuclei set (kind nuclei) without its own extra, folds or val_root", dataclasses.asdict(e))
+        if e.mpp is None and e.mpp_csv is None or e.mpp is not None and not _number(e.mpp):
+            bad(f"{where}.mpp", "a positive number (or set mpp_csv)", e.mpp)
+        if not isinstance(e.semantic, bool):
+            bad(f"{where}.semantic", "true or false", e.semantic)
     a = cfg.augment
     for key in ("hed", "hsv", "brightness_contrast", "gamma", "grayscale", "blur", "noise", "elastic"):
         v = getattr(a, key)
@@ -296,16 +321,22 @@ def load_train_config(path: str | Path, overrides: Optional[dict] = None, check_
     def resolve(p):
         return None if p is None else str(Path(p) if Path(p).is_absolute() else (base / p).resolve())
 
-    d = dataclasses.replace(cfg.data, root=resolve(cfg.data.root), val_root=resolve(cfg.data.val_root), split_csv=resolve(cfg.data.split_csv),
-                            mpp_csv=resolve(cfg.data.mpp_csv), groups_csv=resolve(cfg.data.groups_csv))
+    def resolve_data(dc: DataConfig) -> DataConfig:
+        return dataclasses.replace(dc, root=resolve(dc.root), val_root=resolve(dc.val_root), split_csv=resolve(dc.split_csv),
+                                   mpp_csv=resolve(dc.mpp_csv), groups_csv=resolve(dc.groups_csv), extra=[resolve_data(e) for e in dc.extra])
+
+    d = resolve_data(cfg.data)
     stain = cfg.stain_norm
     if stain and stain["reference"] != "auto":
         stain = {**stain, "reference": resolve(stain["reference"])}
     cfg = dataclasses.replace(cfg, data=d, out=resolve(cfg.out), init=resolve(cfg.init), stain_norm=stain)
     if check_paths:
-        for key, p in (("data.root", d.root), ("data.val_root", d.val_root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv),
-                       ("data.groups_csv", d.groups_csv), ("init", cfg.init),
-                       ("stain_norm.reference", stain["reference"] if stain and stain["reference"] != "auto" else None)):
+        paths = [("data.root", d.root), ("data.val_root", d.val_root), ("data.split_csv", d.split_csv), ("data.mpp_csv", d.mpp_csv),
+                 ("data.groups_csv", d.groups_csv), ("init", cfg.init),
+                 ("stain_norm.reference", stain["reference"] if stain and stain["reference"] != "auto" else None)]
+        for i, e in enumerate(d.extra):
+            paths += [(f"data.extra[{i}].{k}", getattr(e, k)) for k in ("root", "split_csv", "mpp_csv", "groups_csv")]
+        for key, p in paths:
             if p is not None and not Path(p).exists():
                 raise TrainConfigError(f"{path}: {key} {p} does not exist")
     return cfg

@@ -16,6 +16,8 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
+
 import csv
 import functools
 import hashlib
@@ -43,7 +45,8 @@ class DataError(ValueError):
 @dataclass
 class Sample:
     """One image at the model's mpp: ``image`` (H, W, 3) uint8; for nuclei ``labels`` (H, W)
-    int32 and the native-resolution originals for scoring; for tiles ``label`` (int)."""
+    int32 and the native-resolution originals for scoring, and ``semantic`` when its mask is
+    binary foreground only (touching nuclei merged: no distance target); for tiles ``label`` (int)."""
 
     name: str
     image: np.ndarray
@@ -53,6 +56,7 @@ class Sample:
     native_image: Optional[np.ndarray] = None
     native_labels: Optional[np.ndarray] = None
     native_mpp: float = 0.0
+    semantic: bool = False
 
 
 @dataclass
@@ -265,13 +269,14 @@ def _load_nuclei(cfg: DataConfig, model_mpp: float, skip_bad: bool) -> tuple[lis
             continue
         small = resample_image(image, mpp, model_mpp)
         samples.append(Sample(path.stem, small, group_of(cfg, path.stem), labels=resize_labels(labels, small.shape[:2]),
-                              native_image=image, native_labels=labels, native_mpp=mpp))
+                              native_image=image, native_labels=labels, native_mpp=mpp, semantic=cfg.semantic))
         used += [path, masks[path.stem]]
     return samples, skipped, used
 
 
 def load_dataset(cfg: DataConfig, task: str, model_mpp: float, tile_px: int = 0, skip_bad: bool = False) -> LoadedData:
-    """Read, resample and split a nuclei dataset (images and masks in memory: tens of images).
+    """Read, resample and split a nuclei dataset (images and masks in memory: tens of images),
+    adding the training side of each of ``cfg.extra`` to the training images.
 
     Raises:
         DataError: naming the first bad file (unless ``skip_bad``), or when nothing is left.
@@ -284,5 +289,13 @@ def load_dataset(cfg: DataConfig, task: str, model_mpp: float, tile_px: int = 0,
     if not samples:
         raise DataError(f"{cfg.root}: no usable samples" + (f" ({len(skipped)} skipped)" if skipped else ""))
     train, val = split_names([s.name for s in samples], {s.name: s.group for s in samples}, cfg)
-    return LoadedData([s for s in samples if s.name in train], [s for s in samples if s.name in val], classes,
-                      _digest(used), skipped)
+    train_samples = [s for s in samples if s.name in train]
+    for extra in cfg.extra:  # training images only; names are kept apart by their set's folder
+        more, more_skipped, more_used = _load_nuclei(extra, model_mpp, skip_bad)
+        if not more:
+            raise DataError(f"{extra.root}: no usable samples in data.extra" + (f" ({len(more_skipped)} skipped)" if more_skipped else ""))
+        keep = split_names([s.name for s in more], {s.name: s.group for s in more}, extra)[0] if extra.split_csv else {s.name for s in more}
+        tag = Path(extra.root).name
+        train_samples += [dataclasses.replace(s, name=f"{tag}/{s.name}") for s in more if s.name in keep]
+        skipped, used = skipped + more_skipped, used + more_used
+    return LoadedData(train_samples, [s for s in samples if s.name in val], classes, _digest(used), skipped)

@@ -76,18 +76,21 @@ def segment_loss(logits: torch.Tensor, target: torch.Tensor, separation_weight: 
     """Foreground BCE + soft Dice, plus MSE of the sigmoid distance map; with
     ``separation_weight``, plus that weight times the distance error averaged over the foreground
     dilated by 2 px only (about a fifth of the pixels, where touching nuclei are told apart).
+    Pixels whose distance target is negative (binary-mask images: unknown) are left out of both
+    distance terms, which are averaged over the pixels that have one.
 
     Shape:
-        logits ``(N, 2, H, W)``, target ``(N, 2, H, W)`` (foreground, distance) -> scalar.
+        logits ``(N, 2, H, W)``, target ``(N, 2, H, W)`` (foreground, distance or -1) -> scalar.
     """
     fg_logit, fg = logits[:, 0].float(), target[:, 0]
     bce = F.binary_cross_entropy_with_logits(fg_logit, fg)
     p = fg_logit.sigmoid()
     soft_dice = 1 - (2 * (p * fg).sum() + 1) / (p.sum() + fg.sum() + 1)
-    err = (logits[:, 1].float().sigmoid() - target[:, 1]).square()
-    loss = bce + soft_dice + 2.0 * err.mean()
+    known = (target[:, 1] >= 0).float()
+    err = (logits[:, 1].float().sigmoid() - target[:, 1].clamp_min(0)).square() * known
+    loss = bce + soft_dice + 2.0 * err.sum() / known.sum().clamp_min(1.0)
     if separation_weight:
-        near = F.max_pool2d((fg > 0).float()[:, None], 5, stride=1, padding=2)[:, 0]
+        near = F.max_pool2d((fg > 0).float()[:, None], 5, stride=1, padding=2)[:, 0] * known
         loss = loss + separation_weight * (err * near).sum() / near.sum().clamp_min(1.0)
     return loss
 

@@ -11,6 +11,8 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -29,11 +31,16 @@ def model_targets(sample: Sample, aligned: bool = True) -> np.ndarray:
     nucleus borders and lies where the image's nuclei do. Nearest-neighbour labels sit a
     fraction of a pixel off (0.17 px at 0.25 -> 0.5 mpp): a shift an ordinary network can learn
     and a rotation-equivariant one cannot. ``aligned=False`` takes the nearest-neighbour labels
-    instead (how the shipped nuclei model was trained).
+    instead (how the shipped nuclei model was trained). A ``semantic`` sample (binary mask,
+    touching nuclei merged) has no distance target: that channel is -1, which
+    :func:`training.loop.segment_loss` leaves out.
 
     Shape:
-        ``sample.image (h, w, 3)`` -> ``(h, w, 2)`` float32 (foreground, normalised distance).
+        ``sample.image (h, w, 3)`` -> ``(h, w, 2)`` float32 (foreground, normalised distance or -1).
     """
+    if sample.semantic:
+        fg = model_targets(dataclasses.replace(sample, semantic=False), aligned)[..., 0]
+        return np.stack([fg, np.full_like(fg, -1.0)], axis=-1)
     if not aligned or sample.native_labels is None or sample.native_labels.shape == sample.image.shape[:2]:
         return np.stack(nuclei_targets(sample.labels), axis=-1)
     return resize_image(np.stack(nuclei_targets(sample.native_labels), axis=-1), sample.image.shape[:2])
