@@ -19,6 +19,18 @@ __all__ = ["console", "fail", "progress_bar", "ints", "stain_option"]
 console = Console(stderr=True, soft_wrap=True)  # a message is one line, in a terminal or a log
 
 
+ThreadsOpt = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores). Give each of several "
+                          "runs sharing a machine its share: oversubscribed cores slow every run severalfold.")
+
+
+def use_threads(threads: Optional[int]) -> None:
+    """Set torch's CPU thread count for this command (``None``: leave torch's default)."""
+    if threads is not None:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
 def ints(text: str, name: str) -> list[int]:
     try:
         return [int(v) for v in text.split(",") if v.strip()]

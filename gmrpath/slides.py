@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .common import console, fail, pipeline_config, progress_bar
+from .common import ThreadsOpt, console, fail, pipeline_config, progress_bar, use_threads
 
 __all__ = ["app"]
 
@@ -148,10 +148,12 @@ def predict_cmd(
     num_workers: Optional[int] = WorkersOpt,
     tta: Optional[str] = TtaOpt,
     viewer: Optional[bool] = ViewerOpt,
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Classify the tissue tiles of one slide: OME-Zarr heatmap, GeoJSON, overlay PNG, summary, viewer."""
     from pipeline.predict import classify_slide
 
+    use_threads(threads)
     cfg, out, summary = _run_slide_task("classify", "nct_crc", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=num_workers, tta=tta),
         lambda cfg, out, update: classify_slide(slide, cfg, out, progress=update), viewer=viewer)
@@ -173,10 +175,12 @@ def segment_cmd(
     stain_norm: Optional[str] = typer.Option(None, "--stain-norm", help="Map the slide's stains onto a reference first: "
                                              "METHOD:REFERENCE_IMAGE (macenko, vahadane, reinhard); 'none' turns off "
                                              "the checkpoint's own (default: the checkpoint's, if any)."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary, viewer."""
     from pipeline.segment import segment_slide
 
+    use_threads(threads)
     cfg, out, summary = _run_slide_task("segment", "nuclei", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=None, tta=tta,
         stain_norm=stain_norm),

@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from .common import console, fail, stain_option
+from .common import ThreadsOpt, console, fail, stain_option, use_threads
 
 __all__ = ["app", "parse_sets"]
 
@@ -79,16 +79,12 @@ def train_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N. Default: the config's."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or inconsistent files (listed) instead of stopping."),
     cv: int = typer.Option(0, "--cv", min=0, help="k-fold cross-validation by whole image: train k models, report mean and sd."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads for torch (default: all cores). Give each "
-                                          "of several runs sharing a machine its share: oversubscribed cores slow every run severalfold."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Train a network from a YAML config: metrics per epoch, best.pt (for predict/segment) and last.pt (for --resume)."""
     from training.config import load_train_config
 
-    if threads is not None:
-        import torch
-
-        torch.set_num_threads(threads)
+    use_threads(threads)
     overrides = parse_sets(set_)
     if device is not None:
         overrides["device"] = device
@@ -128,11 +124,13 @@ def evaluate_cmd(
                                              "checkpoints'; 'none' turns theirs off."),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="Nuclei: also score each checkpoint under every "
                                      "foreground threshold x marker height (a sensitivity table, upright)."),
+    threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Score models upright, rotated and flipped (the paper's protocol), side by side; tile sets stream."""
     from training.config import DataConfig
     from training.evaluate import evaluate
 
+    use_threads(threads)
     if split not in ("all", "train", "val", "test"):
         raise typer.BadParameter(f"--split must be all, train, val or test, got {split!r}")
     if kind is None:

@@ -94,7 +94,7 @@ def write_cfg(tmp_path, **kw) -> Path:
 # --- config ---------------------------------------------------------------------------------------------------
 
 @pytest.mark.parametrize("name", ["train_nuclei_gmr_stain", "train_nuclei_unet_stain", "train_nuclei_gmr", "train_nuclei_gmr_rings", "train_nuclei_gmr_b24", "train_nuclei_gmr_b32k9", "train_nuclei_unet", "train_kather_gmr", "train_kather_resnet", "train_nuclei_gmr_oriented", "train_nuclei_gmr_stainnorm", "train_kather_gmr_oriented", "train_nuclei_gmr_looo", "train_cryonuseg_gmr_oriented",
-                                  "train_nuclei_gmr_oriented_long", "train_nuclei_unet_stain_long", "train_nuclei_gmr_cryo"])
+                                  "train_nuclei_gmr_oriented_long", "train_nuclei_unet_stain_long", "train_nuclei_gmr_cryo", "train_nuclei_unet_cryo"])
 def test_shipped_training_configs_load(name):
     cfg = load_train_config(REPO / "configs" / f"{name}.yaml", check_paths=SHARED_DATA.is_dir())
     assert cfg.augment.geometric is False  # the paper's protocol: no rotation augmentation
@@ -771,23 +771,28 @@ def test_a_validation_loss_far_above_training_is_flagged():
     assert loss_warning({"epoch": 3, "train_loss": 0.4}) == ""  # segmentation rows have no val_loss
 
 
-def test_train_cli_threads_sets_torchs_thread_count(tmp_path):
-    """--threads N: torch uses N threads for the run (runs sharing a machine each take their share);
-    0 is refused before anything starts."""
+@pytest.mark.parametrize("command", ["train", "evaluate", "segment", "predict"])
+def test_cli_threads_sets_torchs_thread_count(tmp_path, command):
+    """--threads N on train, evaluate, segment and predict: torch uses N threads (runs sharing a machine each
+    take their share); 0 is refused before anything starts."""
     import torch
     from typer.testing import CliRunner
 
     from gmrpath.cli import app
 
+    path = write_cfg(tmp_path, epochs=-1)  # a config that is refused: the thread count is set before it is read
+    args = {"train": ["train", str(path), "--set", f"data.root={tmp_path}"],
+            "evaluate": ["evaluate", "classical", "--data", str(tmp_path)],  # no --mpp: refused after the threads are set
+            "segment": ["segment", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "o")],
+            "predict": ["predict", str(tmp_path / "missing.svs"), "--out", str(tmp_path / "o")]}[command]
     before = torch.get_num_threads()
     wanted = 1 if before != 1 else 2
     try:
-        path = write_cfg(tmp_path, epochs=-1)  # a config that is refused: the thread count is set before it is read
-        result = CliRunner().invoke(app, ["train", str(path), "--threads", str(wanted), "--set", f"data.root={tmp_path}"])
-        assert result.exit_code == 1 and torch.get_num_threads() == wanted
+        result = CliRunner().invoke(app, args + ["--threads", str(wanted)])
+        assert result.exit_code in (1, 2) and torch.get_num_threads() == wanted, result.output
     finally:
         torch.set_num_threads(before)
-    result = CliRunner().invoke(app, ["train", str(path), "--threads", "0"])
+    result = CliRunner().invoke(app, args + ["--threads", "0"])
     assert result.exit_code == 2 and "--threads" in result.output
 
 
