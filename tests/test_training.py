@@ -52,19 +52,27 @@ def blobs(rng, size=96, n=14, radius=(4, 7)):
     return img, labels
 
 
+def write_blob_set(root: Path, names: list[str], seed: int, size: int = 96, binary: bool = False) -> Path:
+    """``root/images/*.png`` with instance masks (``labels/*.tif``) or, ``binary``, 0/255 masks (``masks/*.png``)."""
+    import tifffile
+
+    masks = root / ("masks" if binary else "labels")
+    (root / "images").mkdir()
+    masks.mkdir()
+    rng = np.random.default_rng(seed)
+    for name in names:
+        img, lab = blobs(rng, size=size)
+        Image.fromarray(img).save(root / "images" / f"{name}.png")
+        if binary:
+            Image.fromarray(((lab > 0) * 255).astype(np.uint8)).save(masks / f"{name}.png")
+        else:
+            tifffile.imwrite(masks / f"{name}.tif", lab.astype(np.uint16))
+    return root
+
+
 @pytest.fixture(scope="module")
 def nuclei_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("nuclei")
-    (root / "images").mkdir()
-    (root / "labels").mkdir()
-    rng = np.random.default_rng(0)
-    for i in range(5):
-        img, lab = blobs(rng)
-        Image.fromarray(img).save(root / "images" / f"img{i}.png")
-        import tifffile
-
-        tifffile.imwrite(root / "labels" / f"img{i}.tif", lab.astype(np.uint16))
-    return root
+    return write_blob_set(tmp_path_factory.mktemp("nuclei"), [f"img{i}" for i in range(5)], seed=0)
 
 
 @pytest.fixture(scope="module")
@@ -801,14 +809,7 @@ def test_cli_threads_sets_torchs_thread_count(tmp_path, command):
 @pytest.fixture(scope="module")
 def binary_dir(tmp_path_factory):
     """A CryoNuSeg-like set: 0/255 foreground masks (touching nuclei merged) and a split CSV naming only some images."""
-    root = tmp_path_factory.mktemp("binary")
-    (root / "images").mkdir()
-    (root / "masks").mkdir()
-    rng = np.random.default_rng(3)
-    for i in range(3):
-        img, lab = blobs(rng, size=64)
-        Image.fromarray(img).save(root / "images" / f"bin_0{i}.png")
-        Image.fromarray(((lab > 0) * 255).astype(np.uint8)).save(root / "masks" / f"bin_0{i}.png")
+    root = write_blob_set(tmp_path_factory.mktemp("binary"), ["bin_00", "bin_01", "bin_02"], seed=3, size=64, binary=True)
     (root / "split.csv").write_text("image,split\nbin_00,train\nbin_01,train\n")  # bin_02 is a test image: unused
     return root
 
