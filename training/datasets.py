@@ -16,9 +16,8 @@ Example:
 
 from __future__ import annotations
 
-import dataclasses
-
 import csv
+import dataclasses
 import functools
 import hashlib
 import random
