@@ -11,8 +11,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import torch
 from torch.utils.data import Dataset
@@ -38,12 +36,14 @@ def model_targets(sample: Sample, aligned: bool = True) -> np.ndarray:
     Shape:
         ``sample.image (h, w, 3)`` -> ``(h, w, 2)`` float32 (foreground, normalised distance or -1).
     """
-    if sample.semantic:
-        fg = model_targets(dataclasses.replace(sample, semantic=False), aligned)[..., 0]
+    native = aligned and sample.native_labels is not None and sample.native_labels.shape != sample.image.shape[:2]
+    labels = sample.native_labels if native else sample.labels
+    if sample.semantic:  # the foreground alone: no distance transform for a map that is unknown
+        fg = (labels > 0).astype(np.float32)
+        fg = resize_image(fg, sample.image.shape[:2]) if native else fg
         return np.stack([fg, np.full_like(fg, -1.0)], axis=-1)
-    if not aligned or sample.native_labels is None or sample.native_labels.shape == sample.image.shape[:2]:
-        return np.stack(nuclei_targets(sample.labels), axis=-1)
-    return resize_image(np.stack(nuclei_targets(sample.native_labels), axis=-1), sample.image.shape[:2])
+    maps = np.stack(nuclei_targets(labels), axis=-1)
+    return resize_image(maps, sample.image.shape[:2]) if native else maps
 
 
 class NucleiCrops(Dataset):
