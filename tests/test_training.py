@@ -889,3 +889,44 @@ def test_training_with_an_extra_binary_set_runs_and_counts_its_images(tmp_path, 
     assert summary["best_epoch"] == 1 and any("train_loss=" in line and "nan" not in line for line in lines)
     saved = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
     assert saved["data"]["extra"][0]["semantic"] is True  # the run's config records the extra set
+
+
+def test_leave_one_group_out_scores_each_group_once_next_to_the_classical_baseline(tmp_path, nuclei_dir):
+    from training.crossval import cross_validate
+    from training.evaluate import evaluate
+
+    groups = {"img0": "a", "img1": "a", "img2": "b", "img3": "b", "img4": "c"}
+    (tmp_path / "groups.csv").write_text("image,organ\n" + "".join(f"{k},{v}\n" for k, v in groups.items()))
+    path = write_cfg(tmp_path, epochs=1, select="last", postprocess="fixed", val_angles=[],
+                     data={"groups_csv": str(tmp_path / "groups.csv"), "group_column": "organ"})
+    cfg = load_train_config(path, {"data": {"root": str(nuclei_dir)}})
+    result = cross_validate(cfg, folds=3, log=lambda line: None)
+
+    saved = json.loads((tmp_path / "run" / "cv.json").read_text())
+    assert saved == json.loads(json.dumps(result))
+    held_out = [f["groups"] for f in result["per_fold"]]
+    assert all(len(g) == 1 for g in held_out) and sorted(g[0] for g in held_out) == ["a", "b", "c"]
+    for fold in result["per_fold"]:
+        names = [k for k, v in groups.items() if v == fold["groups"][0]]
+        assert fold["n_val"] == len(names)
+        direct = evaluate(["classical"], cfg.data, tmp_path / f"direct{fold['fold']}", task="segment", angles=[0],
+                          images=names, log=lambda line: None)["models"]["classical"]
+        assert fold["classical_dice_upright"] == pytest.approx(direct["dice_upright"], abs=1e-9)
+        assert fold["classical_aji_upright"] == pytest.approx(direct["aji_upright"], abs=1e-9)
+        assert 0.0 <= fold["aji_upright"] <= 1.0
+    for key in ("dice_upright", "aji_upright", "classical_aji_upright"):
+        values = [f[key] for f in result["per_fold"]]
+        assert result["pooled"][key]["mean"] == pytest.approx(np.mean(values))
+        assert result["pooled"][key]["sd"] == pytest.approx(np.std(values, ddof=1))
+
+    grids = [f["postprocess_sensitivity"] for f in result["per_fold"]]  # out-of-fold threshold choice
+    table = result["pooled_postprocess"]
+    assert len(table) == len(grids[0]) > 1 and [r["aji"] for r in table] == sorted((r["aji"] for r in table), reverse=True)
+    for row in table:
+        same = [next(g for g in grid if (g["fg_threshold"], g["marker_h"]) == (row["fg_threshold"], row["marker_h"])) for grid in grids]
+        assert row["aji"] == pytest.approx(np.mean([g["aji"] for g in same]))
+        assert row["dice"] == pytest.approx(np.mean([g["dice"] for g in same]))
+
+    lines = []  # a rerun trains nothing: every fold has its summary
+    cross_validate(cfg, folds=3, log=lines.append)
+    assert not any("training" in line for line in lines)

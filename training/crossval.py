@@ -2,8 +2,11 @@
 
 Fold ``i`` trains on the other folds (``data.folds = k``, ``data.fold = i``) into
 ``OUT/fold<i>/``, then its ``best.pt`` is evaluated on fold ``i`` by the paper's protocol
-(:func:`training.evaluate.evaluate`). ``OUT/cv.json`` gathers every fold and the mean and
-standard deviation over folds. Finished folds are skipped on a rerun (with ``resume``,
+(:func:`training.evaluate.evaluate`); a nuclei fold also scores the classical baseline
+(``classical_*`` keys) on the same held-out images, names their groups and scores every
+post-processing setting upright (``postprocess_sensitivity``): averaged over folds, that is a
+threshold choice made out of fold (``pooled_postprocess``, best AJI first). ``OUT/cv.json``
+gathers every fold and the mean and standard deviation over folds. Finished folds are skipped on a rerun (with ``resume``,
 an unfinished one continues).
 
 Example::
@@ -14,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import csv
 import dataclasses
 import json
 from pathlib import Path
@@ -31,7 +35,8 @@ SEGMENT_ANGLES = [0, 90, 180, 270, 45]  # nuclei folds: the model card's angles 
 def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad: bool = False,
                    log: Callable[[str], None] = print) -> dict:
     """Train and score ``folds`` folds; returns (and writes ``OUT/cv.json``) the per-fold and pooled scores."""
-    from .evaluate import evaluate
+    from .datasets import group_of
+    from .evaluate import CLASSICAL, evaluate
     from .loop import train
 
     if folds < 2:
@@ -44,16 +49,40 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
         if not summary_path.is_file():
             log(f"fold {i + 1}/{folds}: training")
             train(fold_cfg, resume=resume and (Path(fold_cfg.out) / "last.pt").is_file(), skip_bad=skip_bad, log=log)
-        report = evaluate([str(Path(fold_cfg.out) / "best.pt")], fold_cfg.data, Path(fold_cfg.out) / "eval", task=cfg.task,
-                          split="val", device=cfg.device, log=log, angles=None if cfg.task == "classify" else SEGMENT_ANGLES)
-        scores = next(iter(report["models"].values()))
-        per_fold.append({"fold": i, "n_val": report["n"], **{k: v for k, v in scores.items() if not isinstance(v, dict)}})
-    keys = [k for k in per_fold[0] if k not in ("fold", "n_val")]
+        best, eval_dir = str(Path(fold_cfg.out) / "best.pt"), Path(fold_cfg.out) / "eval"
+        nuclei = cfg.task == "segment"
+        report = evaluate([best] + ([CLASSICAL] if nuclei else []), fold_cfg.data, eval_dir, task=cfg.task,
+                          split="val", device=cfg.device, log=log, angles=SEGMENT_ANGLES if nuclei else None,
+                          sensitivity=nuclei)
+        row = {"fold": i, "n_val": report["n"], **_scalars(report["models"][best])}
+        if nuclei:
+            row.update({f"{CLASSICAL}_{k}": v for k, v in _scalars(report["models"][CLASSICAL]).items()})
+            with open(eval_dir / "evaluation.csv", newline="") as fh:
+                row["groups"] = sorted({group_of(fold_cfg.data, r["image"]) for r in csv.DictReader(fh)})
+            row["postprocess_sensitivity"] = report["models"][best]["postprocess_sensitivity"]
+        per_fold.append(row)
+    keys = [k for k in per_fold[0] if k not in ("fold", "n_val", "groups", "postprocess_sensitivity")]
     pooled = {k: {"mean": float(np.mean([f[k] for f in per_fold])), "sd": float(np.std([f[k] for f in per_fold], ddof=1))}
               for k in keys}
     result = {"model": cfg.model, "folds": folds, "per_fold": per_fold, "pooled": pooled}
+    if cfg.task == "segment":
+        result["pooled_postprocess"] = _pooled_grid([f["postprocess_sensitivity"] for f in per_fold])
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / ".cv.json.tmp"
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(root / "cv.json")
     return result
+
+
+def _scalars(scores: dict) -> dict:
+    return {k: v for k, v in scores.items() if not isinstance(v, (dict, list))}
+
+
+def _pooled_grid(grids: list[list[dict]]) -> list[dict]:
+    """Each post-processing setting's Dice, AJI and PQ averaged over folds, best mean AJI first."""
+    settings = [(g["fg_threshold"], g["marker_h"]) for g in grids[0]]
+    pooled = []
+    for fg, h in settings:
+        rows = [next(g for g in grid if (g["fg_threshold"], g["marker_h"]) == (fg, h)) for grid in grids]
+        pooled.append({"fg_threshold": fg, "marker_h": h, **{k: float(np.mean([r[k] for r in rows])) for k in ("dice", "aji", "pq")}})
+    return sorted(pooled, key=lambda r: -r["aji"])
