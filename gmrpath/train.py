@@ -94,12 +94,35 @@ def train_cmd(
             from training.crossval import cross_validate
 
             result = cross_validate(cfg, cv, resume=resume, skip_bad=skip_bad, log=console.print)
+            console.print(_cv_table(result, cfg.out))
         else:
             result = _train_with_progress(cfg, resume, skip_bad, console)
     except ValueError as err:
         fail(err)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's), not one per process
         typer.echo(json.dumps(result, indent=1))
+
+def _cv_table(result: dict, out: str):
+    """The folds of a cross-validation as a table (nuclei: next to the classical baseline)."""
+    from rich.table import Table
+
+    folds = result["per_fold"]
+    metrics = [m for m in ("dice", "aji", "pq", "accuracy", "balanced_accuracy") if f"{m}_upright" in folds[0]]
+    columns = [(m, f"{m}_upright") for m in metrics] + [(f"{m} rotated min", f"{m}_rotated_min") for m in metrics[:1]]
+    columns += [(f"classical {m}", f"classical_{m}_upright") for m in metrics if f"classical_{m}_upright" in folds[0]]
+    table = Table(title=f"{result['model']}, {result['folds']}-fold cross-validation ({out}/cv.json)")
+    for name in ["fold", "held out", "n"] + [c for c, _ in columns]:
+        table.add_column(name, justify="left" if name == "held out" else "right")
+    for f in folds:
+        table.add_row(str(f["fold"]), ", ".join(f.get("groups", [])), str(f["n_val"]), *(f"{f[k]:.3f}" for _, k in columns))
+    pooled = result["pooled"]
+    table.add_row("mean", "", "", *(f"{pooled[k]['mean']:.3f} ± {pooled[k]['sd']:.3f}" for _, k in columns))
+    if result.get("pooled_postprocess"):
+        best = result["pooled_postprocess"][0]
+        table.caption = (f"best post-processing out of fold: fg_threshold {best['fg_threshold']}, marker_h {best['marker_h']} "
+                         f"(mean AJI {best['aji']:.3f}, Dice {best['dice']:.3f})")
+    return table
+
 
 @app.command("evaluate")
 def evaluate_cmd(

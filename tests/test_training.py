@@ -927,6 +927,16 @@ def test_leave_one_group_out_scores_each_group_once_next_to_the_classical_baseli
         assert row["aji"] == pytest.approx(np.mean([g["aji"] for g in same]))
         assert row["dice"] == pytest.approx(np.mean([g["dice"] for g in same]))
 
+    from rich.console import Console
+
+    from gmrpath.train import _cv_table
+
+    console = Console(record=True, width=200)
+    console.print(_cv_table(result, str(tmp_path / "run")))
+    text = console.export_text()
+    assert "classical aji" in text and "held out" in text and f"{result['pooled']['aji_upright']['mean']:.3f} ±" in text
+    assert f"marker_h {table[0]['marker_h']}" in text
+
     lines = []  # a rerun trains nothing: every fold has its summary
     cross_validate(cfg, folds=3, log=lines.append)
     assert not any("training" in line for line in lines)
