@@ -69,7 +69,8 @@ def _run_overrides(cfg, device, batch_size, num_workers, tta):
     return dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, **run))
 
 
-def _task_config(task: str, preset: str, config, mpp, model, device, batch_size, num_workers, tta, stain_norm=None):
+def _task_config(task: str, preset: str, config, mpp, model, device, batch_size, num_workers, tta, stain_norm=None,
+                 postprocess=None):
     """The config for one CLI task (``classify`` or ``segment``) with the command's overrides;
     a config that leaves the task out gets the ``preset``."""
     import dataclasses
@@ -82,6 +83,15 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
         spec = dataclasses.replace(spec, model=model)
     if stain_norm is not None:
         spec = dataclasses.replace(spec, stain_norm=stain_norm)
+    if postprocess:
+        from pipeline.instances import PostProcess
+
+        merged = {**spec.postprocess, **postprocess}
+        try:
+            PostProcess(**merged)
+        except ValueError as err:
+            raise typer.BadParameter(f"--fg-threshold / --marker-h: {err}") from None
+        spec = dataclasses.replace(spec, postprocess=merged)
     return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
 
 
@@ -175,6 +185,11 @@ def segment_cmd(
     stain_norm: Optional[str] = typer.Option(None, "--stain-norm", help="Map the slide's stains onto a reference first: "
                                              "METHOD:REFERENCE_IMAGE (macenko, vahadane, reinhard); 'none' turns off "
                                              "the checkpoint's own (default: the checkpoint's, if any)."),
+    fg_threshold: Optional[float] = typer.Option(None, "--fg-threshold", help="Foreground probability above which a pixel "
+                                                 "is nucleus (default: the config's, else the checkpoint's)."),
+    marker_h: Optional[float] = typer.Option(None, "--marker-h", help="Marker height of the distance map: higher merges "
+                                             "nuclei that come out split, lower splits clumps (default: the config's, "
+                                             "else the checkpoint's)."),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary, viewer."""
@@ -183,7 +198,8 @@ def segment_cmd(
     use_threads(threads)
     cfg, out, summary = _run_slide_task("segment", "nuclei", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=None, tta=tta,
-        stain_norm=stain_norm),
+        stain_norm=stain_norm, postprocess={k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items()
+                                            if v is not None}),
         lambda cfg, out, update: segment_slide(slide, cfg, out, progress=update, block_px=block_px), unit="blocks",
         viewer=viewer)
     Console().print_json(json.dumps(summary))

@@ -65,7 +65,8 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     """Nuclei of one slide: OME-Zarr probability + label pyramid, detections GeoJSON, summary.
 
     Args:
-        threshold: overrides the foreground threshold the checkpoint was trained with.
+        threshold: overrides the foreground threshold the checkpoint was trained with (and
+            ``cfg.segment.postprocess``'s).
 
     Raises:
         SlideError, NoTissueError, ModelError, OutputError: with the file and the problem.
@@ -85,7 +86,7 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     dev = resolve_device(device or cfg.run.device)
     loaded = load_model(cfg.segment)
     spec = loaded.spec
-    post = PostProcess(**loaded.meta.get("postprocess", {}))
+    post = PostProcess(**{**loaded.meta.get("postprocess", {}), **cfg.segment.postprocess})
     if threshold is not None:
         post = dataclasses.replace(post, fg_threshold=threshold)
     slide = open_configured_slide(path, cfg)
@@ -150,6 +151,7 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
             "segmented": "whole image (a field of view)" if whole else "tissue blocks", "blocks": len(blocks), "block_px": block_px, "margin_px": margin, "blocks_per_s": blocks_per_s,
             "megapixels_per_s": round(blocks_per_s * block_px**2 / 1e6, 4) if blocks_per_s else None,
             "run_time_s": round(time.perf_counter() - start, 2),
+            "postprocess": post.to_dict(),
             "stain_norm": f"{stain_target['method']} onto {stain_target.get('reference', 'a reference')}" if stain_target else None,
             "outputs": {"nuclei_zarr": str(final), "nuclei_geojson": str(paths["nuclei_geojson"])},
         }

@@ -160,11 +160,15 @@ def test_a_pale_crop_is_segmented_whole_not_refused(tmp_path):
     rng = np.random.default_rng(0)
     pale = np.clip(rng.normal(238, 3, (256, 320, 3)), 0, 255).astype(np.uint8)  # washed-out stroma: no tissue by saturation
     Image.fromarray(pale).save(tmp_path / "pale.png")
-    result = CliRunner().invoke(app, ["segment", str(tmp_path / "pale.png"), "--mpp", "0.5", "--out", str(tmp_path / "out"),
-                                      "--device", "cpu"])
+    args = ["segment", str(tmp_path / "pale.png"), "--mpp", "0.5", "--out", str(tmp_path / "out"), "--device", "cpu"]
+    bad = CliRunner().invoke(app, args + ["--marker-h", "1.5"])
+    assert bad.exit_code != 0 and "--marker-h" in bad.output and "marker_h must be" in bad.output
+    assert not (tmp_path / "out").exists()
+    result = CliRunner().invoke(app, args + ["--marker-h", "0.3"])
     assert result.exit_code == 0, result.output
     summary = json.loads((tmp_path / "out" / "pale" / "pale.nuclei.summary.json").read_text())
     assert summary["segmented"] == "whole image (a field of view)" and summary["blocks"] == 1
+    assert summary["postprocess"]["marker_h"] == 0.3 and summary["postprocess"]["fg_threshold"] == 0.5
 
 
 def test_a_nucleus_in_pieces_is_one_multipolygon_with_all_its_pixels():

@@ -63,6 +63,10 @@ def test_default_config_loads_and_resolves_paths():
         ({"classify": {"mpp": -1}}, "classify.mpp"),
         ({"slides": "/no/such/folder"}, "does not exist"),
         ({"classify": None, "segment": None}, "nothing to do"),
+        ({"segment": {"preset": "nuclei", "postprocess": {"marker_h": 1.5}}}, r"segment.postprocess: marker_h must be"),
+        ({"segment": {"preset": "nuclei", "postprocess": {"h": 0.2}}}, r"segment.postprocess must be empty or a mapping of fg"),
+        ({"segment": {"preset": "nuclei", "postprocess": 0.2}}, r"segment.postprocess must be a mapping"),
+        ({"classify": {"preset": "nct_crc", "postprocess": {"marker_h": 0.2}}}, r"classify.postprocess .*nuclei only"),
     ],
 )
 def test_bad_config_is_one_clear_error(tmp_path, data, match):

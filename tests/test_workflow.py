@@ -54,6 +54,18 @@ def _threshold_for_untrained(cfg, slide) -> float:
     return float(np.quantile(segment_maps(loaded.module, region, loaded.mean, loaded.std, torch.device("cpu"))[0], 0.9))
 
 
+def test_postprocess_overrides_reach_the_segmentation_and_its_record(small_slide, tmp_path):
+    """The config's segment.postprocess replaces the shipped checkpoint's: recorded, and a higher marker merges."""
+    counts = {}
+    for h in (0.05, 0.5):
+        cfg = config_from_dict({"slides": str(small_slide), "out": str(tmp_path / f"h{h}"), "classify": None,
+                                "segment": {"preset": "nuclei", "postprocess": {"marker_h": h}}, "run": {"device": "cpu"}})
+        summary = segment_slide(small_slide, cfg, cfg.out, block_px=768)
+        assert summary["postprocess"] == {"fg_threshold": 0.5, "marker_h": h, "min_area_px": 4}  # the rest: the checkpoint's
+        counts[h] = summary["nuclei_count"]
+    assert counts[0.05] > counts[0.5] > 0
+
+
 def test_segment_writes_labels_detections_and_resumes_identically(small_slide, tmp_path):
     ref_cfg = _seg_cfg(small_slide, tmp_path / "ref")
     thr = _threshold_for_untrained(ref_cfg, small_slide)
