@@ -147,6 +147,10 @@ def evaluate_cmd(
                                              "checkpoints'; 'none' turns theirs off."),
     sensitivity: bool = typer.Option(False, "--sensitivity", help="Nuclei: also score each checkpoint under every "
                                      "foreground threshold x marker height (a sensitivity table, upright)."),
+    fg_threshold: Optional[float] = typer.Option(None, "--fg-threshold", help="Nuclei: score every checkpoint with this "
+                                                 "foreground threshold (default: each checkpoint's own)."),
+    marker_h: Optional[float] = typer.Option(None, "--marker-h", help="Nuclei: score every checkpoint with this marker "
+                                             "height (default: each checkpoint's own)."),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Score models upright, rotated and flipped (the paper's protocol), side by side; tile sets stream."""
@@ -168,7 +172,8 @@ def evaluate_cmd(
                          split_csv=str(split_csv) if split_csv else None, val_fraction=0.0)
         report = evaluate(models, cfg, out, task="semantic" if semantic else None, angles=_angles(angles), split=split,
                           device=device, log=console.print, images=images or None, limit=limit, workers=workers,
-                          stain_norm=stain_option(stain_norm), sensitivity=sensitivity)
+                          stain_norm=stain_option(stain_norm), sensitivity=sensitivity,
+                          postprocess={k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items() if v is not None})
     except ValueError as err:
         fail(err)
     _print_report(report, console)

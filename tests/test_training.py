@@ -940,3 +940,24 @@ def test_leave_one_group_out_scores_each_group_once_next_to_the_classical_baseli
     lines = []  # a rerun trains nothing: every fold has its summary
     cross_validate(cfg, folds=3, log=lines.append)
     assert not any("training" in line for line in lines)
+
+
+def test_evaluate_scores_every_checkpoint_under_a_given_post_processing(tmp_path, nuclei_dir):
+    """--fg-threshold / --marker-h: the override's upright AJI is its own cell of the sensitivity table."""
+    from training.evaluate import evaluate
+
+    model = str(REPO / "models" / "nuclei_gmr_unet.pt")
+    data = DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, val_fraction=0.0)
+    quiet = dict(task="segment", angles=[0], log=lambda line: None, device="cpu")
+    plain = evaluate([model], data, tmp_path / "plain", sensitivity=True, **quiet)["models"][model]
+    assert plain["postprocess"] == {"fg_threshold": 0.5, "marker_h": 0.1, "min_area_px": 4}  # the checkpoint's
+    grid = {(g["fg_threshold"], g["marker_h"]): g for g in plain["postprocess_sensitivity"]}
+    assert grid[(0.5, 0.1)]["aji"] == pytest.approx(plain["aji_upright"])
+    other = max(grid, key=lambda k: abs(grid[k]["aji"] - plain["aji_upright"]))
+    assert abs(grid[other]["aji"] - plain["aji_upright"]) > 1e-3  # a setting that changes the score
+    fg, h = other
+    scored = evaluate([model], data, tmp_path / "set", postprocess={"fg_threshold": fg, "marker_h": h}, **quiet)["models"][model]
+    assert scored["postprocess"] == {"fg_threshold": fg, "marker_h": h, "min_area_px": 4}
+    assert scored["aji_upright"] == pytest.approx(grid[other]["aji"]) and scored["dice_upright"] == pytest.approx(grid[other]["dice"])
+    with pytest.raises(ValueError, match="marker_h must be"):
+        evaluate([model], data, tmp_path / "bad", postprocess={"marker_h": 2.0}, **quiet)

@@ -150,7 +150,8 @@ def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:
 def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task: Optional[str] = None,
              angles: Optional[Sequence[float]] = None, split: str = "all", device: str = "auto",
              log: Callable[[str], None] = print, images: Optional[Sequence[str]] = None, limit: Optional[int] = None,
-             workers: int = 0, stain_norm: Optional[dict] = None, sensitivity: bool = False) -> dict:
+             workers: int = 0, stain_norm: Optional[dict] = None, sensitivity: bool = False,
+             postprocess: Optional[dict] = None) -> dict:
     """Score checkpoints (and/or ``classical``) on a dataset, upright and rotated.
 
     Args:
@@ -167,6 +168,8 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
             its images onto, in place of the one its checkpoint stores (``{}``: none at all).
         sensitivity: nuclei instances: also score every checkpoint upright under each foreground
             threshold x marker height (``TUNE_FG`` x ``TUNE_H``): ``postprocess_sensitivity`` in its report.
+        postprocess: nuclei: every checkpoint's post-processing is replaced by these fields of
+            :class:`pipeline.instances.PostProcess` (one rule for all the models compared).
 
     Raises:
         ModelError: a checkpoint that cannot be read or does not fit the data.
@@ -189,6 +192,12 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         for m in loaded.values():
             if m is not None:
                 m.meta["stain_norm"] = stain_norm
+    if postprocess:
+        if task == "classify":
+            raise ValueError("post-processing is for nuclei models")
+        for m in loaded.values():
+            if m is not None:
+                m.meta["postprocess"] = PostProcess(**{**m.meta.get("postprocess", {}), **postprocess}).to_dict()
     first = next((m for m in loaded.values() if m is not None), None)
     mpp = first.spec.mpp if first else 0.5
     tile_px = first.spec.tile_px if first else 256
@@ -230,6 +239,8 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         rows = _classify(m, tiles, angles, dev, workers=workers, log=log) if task == "classify" else \
             _nuclei(m, samples, angles, dev, log, semantic=task == "semantic", upright_maps=upright_maps)
         report["models"][name] = _summarise(rows, metrics)
+        if task != "classify" and m is not None:
+            report["models"][name]["postprocess"] = PostProcess(**m.meta.get("postprocess", {})).to_dict()
         if sensitivity and task == "segment" and m is not None:
             log(f"  {name_of(m)}: post-processing sensitivity ({len(TUNE_FG) * len(TUNE_H)} settings, upright)")
             report["models"][name]["postprocess_sensitivity"] = postprocess_grid(
