@@ -681,6 +681,25 @@ def test_no_selection_run_keeps_the_last_epoch_and_the_fixed_postprocessing(tmp_
             load_train_config(write_cfg(tmp_path, **bad), {"data": {"root": str(nuclei_dir)}})
 
 
+def test_a_fixed_rule_from_the_config_validates_and_ships(tmp_path, nuclei_dir):
+    """postprocess: {fg_threshold, marker_h}: every epoch is validated with it and best.pt stores it."""
+    from training.evaluate import evaluate
+    from training.loop import train
+
+    rule = {"fg_threshold": 0.4, "marker_h": 0.25}
+    path = write_cfg(tmp_path, epochs=1, select="last", postprocess=rule, val_angles=[])
+    cfg = load_train_config(path, {"data": {"root": str(nuclei_dir)}})
+    summary = train(cfg, log=lambda line: None)
+    best = str(tmp_path / "run" / "best.pt")
+    loaded = load_model(ModelSpec(task="segment", model=best, classes=["nucleus"]))
+    assert loaded.meta["postprocess"] == {**rule, "min_area_px": 4} and "marker_h': 0.25" in summary["note"]
+    scored = evaluate([best], cfg.data, tmp_path / "eval", split="val", angles=[0], log=lambda line: None)["models"][best]
+    assert loaded.meta["val_metrics"]["val_aji"] == pytest.approx(scored["aji_upright"])  # validated under the rule
+    for bad, match in (({"marker_h": 2}, "postprocess: marker_h must be"), ({"h": 0.2}, "postprocess must be"), ({}, "postprocess must be")):
+        with pytest.raises(TrainConfigError, match=match):
+            load_train_config(write_cfg(tmp_path, postprocess=bad), {"data": {"root": str(nuclei_dir)}})
+
+
 def test_rgb_instance_masks_are_decoded_by_colour(tmp_path):
     from PIL import Image
 

@@ -132,8 +132,9 @@ class TrainConfig:
         select: the validation metric that picks ``best.pt`` (higher is better), or ``last``: no
             selection, ``best.pt`` is the last epoch (the validation images then choose nothing).
         postprocess: ``tune`` (foreground threshold and marker height chosen on the validation
-            images at the end) or ``fixed`` (the defaults of :class:`~pipeline.instances.PostProcess`
-            for every model: one rule, chosen on no image).
+            images at the end), ``fixed`` (the defaults of :class:`~pipeline.instances.PostProcess`
+            for every model: one rule, chosen on no image), or a mapping of ``PostProcess``'s
+            fields (a fixed rule chosen elsewhere, e.g. out of fold): used for validation and stored.
         separation_weight: weight of a second distance-map error averaged over the foreground
             dilated by 2 px only (where touching nuclei are told apart); 0 leaves it out.
         stain_norm: nuclei: ``{method: macenko | vahadane | reinhard, reference: IMAGE | auto}`` (``auto``:
@@ -165,7 +166,7 @@ class TrainConfig:
     select: str = "val_aji"
     init: Optional[str] = None
     targets: str = "aligned"
-    postprocess: str = "tune"
+    postprocess: Any = "tune"  # "tune", "fixed" or a mapping of PostProcess fields
     separation_weight: float = 0.0
     channels_last: bool = True
     cpu_bf16: bool = False
@@ -220,8 +221,18 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("model_kwargs", "a mapping", cfg.model_kwargs)
     if cfg.targets not in ("aligned", "nearest"):
         bad("targets", "'aligned' or 'nearest'", cfg.targets)
-    if cfg.postprocess not in ("tune", "fixed"):
-        bad("postprocess", "'tune' or 'fixed'", cfg.postprocess)
+    if isinstance(cfg.postprocess, dict):
+        from pipeline.instances import PostProcess
+
+        known = [f.name for f in dataclasses.fields(PostProcess)]
+        if not cfg.postprocess or set(cfg.postprocess) - set(known):
+            bad("postprocess", f"'tune', 'fixed' or a mapping of {', '.join(known)}", cfg.postprocess)
+        try:
+            PostProcess(**cfg.postprocess)
+        except ValueError as err:
+            raise TrainConfigError(f"{source}: postprocess: {err}") from None
+    elif cfg.postprocess not in ("tune", "fixed"):
+        bad("postprocess", "'tune', 'fixed' or a mapping of fg_threshold, marker_h, min_area_px", cfg.postprocess)
     if not isinstance(cfg.select, str) or not (cfg.select == "last" or cfg.select.startswith("val_")):
         bad("select", "'last' or a validation metric such as 'val_aji'", cfg.select)
     if not _number(cfg.separation_weight, positive=False):

@@ -127,13 +127,18 @@ def _stain_normalise(data: LoadedData, cfg: TrainConfig, log) -> LoadedData:
     return dataclasses.replace(data, train=train, stain_target=target)
 
 
+def fixed_postprocess(cfg: TrainConfig) -> PostProcess:
+    """The post-processing a run validates with and stores: the config's mapping, else the default."""
+    return PostProcess(**cfg.postprocess) if isinstance(cfg.postprocess, dict) else PostProcess()
+
+
 def _validate_segment(module, data: LoadedData, cfg: TrainConfig, device) -> dict:
     from .metrics import segmentation_scores
 
     freeze_kernels(module.eval())
-    post = PostProcess()
+    post = fixed_postprocess(cfg)
     rows = []
-    for s in data.val:  # default post-processing here; tuned once at the end of the run
+    for s in data.val:  # the fixed rule here (tune: the default, tuned once at the end of the run)
         source = upright_stain_stats(s, data.stain_target, cfg.mpp)  # once per image, for every angle
         labels, valid = evaluate_nuclei_image(module, s, cfg.mpp, device, post, 0.0, cfg.amp, stain_target=data.stain_target,
                                               stain_source=source)
@@ -369,8 +374,8 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
     chosen = "the last epoch (no selection)" if cfg.select == "last" else f"the epoch with the highest {cfg.select}"
     summary = {"out": str(out), "epochs": cfg.epochs, "best_epoch": best_epoch,
                "best": str(out / "best.pt"), "last": str(state_path), "digest": data.digest,
-               "note": f"best.pt is {chosen}; per-epoch validation scores use the default post-processing "
-                       f"(fg_threshold 0.5, marker_h 0.1)" + ("; postprocess.val_aji_tuned is the validation AJI after "
+               "note": f"best.pt is {chosen}; per-epoch validation scores use the post-processing "
+                       f"{fixed_postprocess(cfg).to_dict()}" + ("; postprocess.val_aji_tuned is the validation AJI after "
                                                               "tuning the thresholds on the same images" if cfg.postprocess == "tune"
                                                               and cfg.task == "segment" else "")}
     if cfg.select != "last":
@@ -416,7 +421,7 @@ def _save_inference(module, cfg: TrainConfig, data: LoadedData, model_kwargs: di
     if cfg.init:
         meta["init"] = Path(cfg.init).name
     if cfg.task == "segment":
-        meta["postprocess"] = PostProcess().to_dict()
+        meta["postprocess"] = fixed_postprocess(cfg).to_dict()
         if data.stain_target:
             meta["stain_norm"] = data.stain_target
     save_checkpoint(module, path, cfg.model, model_kwargs, data.classes, cfg.tile_px, cfg.mpp, MEAN, STD, meta=meta)
