@@ -124,6 +124,27 @@ def _cv_table(result: dict, out: str):
     return table
 
 
+@app.command("set-postprocess")
+def set_postprocess_cmd(
+    checkpoint: Path = typer.Argument(..., help="A nuclei checkpoint (.pt)."),
+    fg_threshold: Optional[float] = typer.Option(None, "--fg-threshold", help="Foreground probability threshold."),
+    marker_h: Optional[float] = typer.Option(None, "--marker-h", help="Marker height of the distance map."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of in place."),
+    note: str = typer.Option("", "--note", help="Why (recorded in the checkpoint's postprocess_history)."),
+) -> None:
+    """Store a nuclei checkpoint's post-processing rule (what segment and evaluate use); weights unchanged."""
+    from pipeline.models import set_postprocess
+
+    rule = {k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items() if v is not None}
+    if not rule:
+        raise typer.BadParameter("give --fg-threshold and/or --marker-h")
+    try:
+        new = set_postprocess(checkpoint, rule, out, note)
+    except ValueError as err:
+        fail(err)
+    typer.echo(json.dumps({"checkpoint": str(out or checkpoint), "postprocess": new}))
+
+
 @app.command("evaluate")
 def evaluate_cmd(
     models: list[str] = typer.Argument(..., help="Checkpoints (.pt) to compare; 'classical' = colour-deconvolution nuclei baseline."),

@@ -26,7 +26,7 @@ from gmr_models import create_model
 from .config import ModelSpec, invariance_multiple, is_checkpoint_path
 from .outputs import atomic_path
 
-__all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "state_mismatch", "CHECKPOINT_FORMAT"]
+__all__ = ["ModelError", "LoadedModel", "load_model", "save_checkpoint", "set_postprocess", "state_mismatch", "CHECKPOINT_FORMAT"]
 
 CHECKPOINT_FORMAT = "gmrpath-checkpoint-v1"
 MAX_PARAMETERS = 500_000_000  # 2 GB of float32 weights: far above any network here, far below a machine's memory
@@ -258,3 +258,46 @@ def save_checkpoint(module: nn.Module, path: str | Path, model: str, model_kwarg
     with atomic_path(path) as tmp:
         torch.save(payload, tmp)
     return path
+
+
+def set_postprocess(path: str | Path, rule: dict, out: str | Path | None = None, note: str = "") -> dict:
+    """Store a nuclei checkpoint's post-processing rule; its weights and the rest stay as they are.
+
+    The new rule (fields of :class:`pipeline.instances.PostProcess`, merged over the stored
+    ones) is validated first; ``meta.postprocess_history`` records the old rule, the new one and
+    ``note`` (the validation scores in ``meta.val_metrics`` were computed under the old rule).
+    Written atomically to ``out`` (default: in place). Returns the new rule.
+
+    Example::
+
+        set_postprocess("best.pt", {"marker_h": 0.15}, note="chosen out of fold")
+
+    Raises:
+        ModelError: not a readable nuclei checkpoint.
+        ValueError: a bad rule.
+    """
+    from .instances import PostProcess
+
+    path = Path(path)
+    try:
+        ckpt = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as err:  # noqa: BLE001 - any unreadable file is one error naming it
+        raise ModelError(f"{path}: not a readable checkpoint ({_first_line(str(err))})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
+        raise ModelError(f"{path}: not a GMR-Path checkpoint (format {CHECKPOINT_FORMAT})")
+    meta = dict(ckpt.get("meta", {}))
+    if meta.get("task") != "segment":
+        raise ModelError(f"{path}: a {meta.get('task')} checkpoint has no post-processing (nuclei models only)")
+    unknown = set(rule) - {"fg_threshold", "marker_h", "min_area_px"}
+    if unknown:
+        raise ValueError(f"unknown post-processing field(s) {sorted(unknown)}")
+    old = PostProcess(**meta.get("postprocess", {})).to_dict()
+    new = PostProcess(**{**old, **rule}).to_dict()
+    meta["postprocess_history"] = list(meta.get("postprocess_history", [])) + [{"from": old, "to": new, "note": note}]
+    meta["postprocess"] = new
+    ckpt["meta"] = meta
+    target = Path(out) if out is not None else path
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(target) as tmp:
+        torch.save(ckpt, tmp)
+    return new

@@ -969,9 +969,10 @@ def test_evaluate_scores_every_checkpoint_under_a_given_post_processing(tmp_path
     data = DataConfig(kind="nuclei", root=str(nuclei_dir), mpp=0.5, val_fraction=0.0)
     quiet = dict(task="segment", angles=[0], log=lambda line: None, device="cpu")
     plain = evaluate([model], data, tmp_path / "plain", sensitivity=True, **quiet)["models"][model]
-    assert plain["postprocess"] == {"fg_threshold": 0.5, "marker_h": 0.1, "min_area_px": 4}  # the checkpoint's
+    own = load_model(ModelSpec(task="segment", model=model, classes=["nucleus"])).meta["postprocess"]
+    assert plain["postprocess"] == own  # the checkpoint's
     grid = {(g["fg_threshold"], g["marker_h"]): g for g in plain["postprocess_sensitivity"]}
-    assert grid[(0.5, 0.1)]["aji"] == pytest.approx(plain["aji_upright"])
+    assert grid[(own["fg_threshold"], own["marker_h"])]["aji"] == pytest.approx(plain["aji_upright"])
     other = max(grid, key=lambda k: abs(grid[k]["aji"] - plain["aji_upright"]))
     assert abs(grid[other]["aji"] - plain["aji_upright"]) > 1e-3  # a setting that changes the score
     fg, h = other
@@ -980,3 +981,33 @@ def test_evaluate_scores_every_checkpoint_under_a_given_post_processing(tmp_path
     assert scored["aji_upright"] == pytest.approx(grid[other]["aji"]) and scored["dice_upright"] == pytest.approx(grid[other]["dice"])
     with pytest.raises(ValueError, match="marker_h must be"):
         evaluate([model], data, tmp_path / "bad", postprocess={"marker_h": 2.0}, **quiet)
+
+
+def test_set_postprocess_changes_the_rule_and_nothing_else(tmp_path):
+    import shutil
+
+    from typer.testing import CliRunner
+
+    from gmrpath.cli import app
+
+    src = tmp_path / "m.pt"
+    shutil.copy(REPO / "models" / "nuclei_gmr_unet.pt", src)
+    before = torch.load(src, weights_only=True)
+    result = CliRunner().invoke(app, ["set-postprocess", str(src), "--marker-h", "0.2", "--out", str(tmp_path / "n.pt"),
+                                      "--note", "a test"])
+    assert result.exit_code == 0, result.output
+    assert torch.load(src, weights_only=True)["meta"] == before["meta"]  # --out: the source is untouched
+    after = torch.load(tmp_path / "n.pt", weights_only=True)
+    assert after["meta"]["postprocess"] == {**before["meta"]["postprocess"], "marker_h": 0.2}
+    assert after["meta"]["postprocess_history"][-1] == {"from": before["meta"]["postprocess"],
+                                                        "to": after["meta"]["postprocess"], "note": "a test"}
+    assert all(torch.equal(before["state_dict"][k], v) for k, v in after["state_dict"].items())
+    assert {k: v for k, v in after.items() if k not in ("meta", "state_dict")} == \
+        {k: v for k, v in before.items() if k not in ("meta", "state_dict")}
+    loaded = load_model(ModelSpec(task="segment", model=str(tmp_path / "n.pt"), classes=["nucleus"]))
+    assert loaded.meta["postprocess"]["marker_h"] == 0.2
+    for args, match in (([str(src), "--marker-h", "1.5"], "marker_h must be"), ([str(src)], "--fg-threshold and/or"),
+                        ([str(tmp_path / "missing.pt"), "--marker-h", "0.2"], "missing.pt")):
+        bad = CliRunner().invoke(app, ["set-postprocess", *args])
+        assert bad.exit_code != 0 and match in bad.output, bad.output
+    assert torch.load(src, weights_only=True)["meta"] == before["meta"]  # a refused rule writes nothing
