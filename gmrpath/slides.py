@@ -84,11 +84,11 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
     if stain_norm is not None:
         spec = dataclasses.replace(spec, stain_norm=stain_norm)
     if postprocess:
-        from pipeline.instances import PostProcess
+        from pipeline.instances import postprocess_from
 
         merged = {**spec.postprocess, **postprocess}
         try:
-            PostProcess(**merged)
+            postprocess_from(merged)
         except ValueError as err:
             raise typer.BadParameter(f"--fg-threshold / --marker-h: {err}") from None
         spec = dataclasses.replace(spec, postprocess=merged)

@@ -67,10 +67,8 @@ class ModelSpec:
         stain_norm: segment: map each slide's stains onto a reference before the network,
             ``"METHOD:REFERENCE_IMAGE"`` (``macenko``, ``vahadane`` or ``reinhard``); ``"none"`` turns
             off a checkpoint's own; null (default) uses the checkpoint's, if it stores one.
-        postprocess: segment: overrides of the checkpoint's post-processing
-            (:class:`pipeline.instances.PostProcess`: ``fg_threshold``, ``marker_h``,
-            ``min_area_px``), e.g. ``{marker_h: 0.2}`` where nuclei come out split; empty (default):
-            the checkpoint's own.
+        postprocess: segment: overrides of the checkpoint's post-processing (``fg_threshold``,
+            ``marker_h``, ``min_area_px`` of :class:`pipeline.instances.PostProcess`); empty: its own.
         from_preset: the fields (of classes, tile_px, mpp) that came from a preset and were not set
             by the user: a checkpoint's own values replace these (set internally, not in YAML).
     """
@@ -253,18 +251,13 @@ def _check_types(obj, where: str, source: str) -> None:
                 bad("stain_norm", f"null, 'none' or METHOD:REFERENCE_IMAGE with METHOD one of {STAIN_METHODS} (nuclei only)")
             if not Path(reference).is_file():
                 bad("stain_norm", f"a reference image that exists ({reference} does not)")
-        if not isinstance(obj.postprocess, dict):
-            bad("postprocess", "a mapping of fg_threshold, marker_h and/or min_area_px")
-        if obj.postprocess:
-            from .instances import PostProcess
-
-            known = [f.name for f in dataclasses.fields(PostProcess)]
-            if obj.task != "segment" or set(obj.postprocess) - set(known):
-                bad("postprocess", f"empty or a mapping of {', '.join(known)} (nuclei only)")
-            try:
-                PostProcess(**obj.postprocess)
-            except ValueError as err:
-                raise ConfigError(f"{source}: {where}.postprocess: {err}") from None
+        if obj.postprocess and obj.task != "segment":
+            bad("postprocess", "empty for a classify model (post-processing is for nuclei only)")
+        try:
+            from .instances import postprocess_from
+            postprocess_from(obj.postprocess)
+        except ValueError as err:
+            raise ConfigError(f"{source}: {where}.postprocess: {err}") from None
         if obj.task == "classify" and not is_checkpoint_path(obj.model):
             multiple = _size_multiple(obj.model, obj.model_kwargs, len(obj.classes))
             if multiple and obj.tile_px % multiple:

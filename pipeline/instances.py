@@ -19,11 +19,11 @@ Example:
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, fields
 
 import numpy as np
 
-__all__ = ["PostProcess", "instances_from_maps"]
+__all__ = ["PostProcess", "postprocess_from", "instances_from_maps"]
 
 
 @dataclass(frozen=True)
@@ -51,6 +51,21 @@ class PostProcess:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+def postprocess_from(overrides: dict, base: dict | None = None) -> PostProcess:
+    """The rule ``base`` (e.g. a checkpoint's) with ``overrides`` over it.
+
+    Raises:
+        ValueError: ``overrides`` is not a mapping, names an unknown field, or gives a bad value.
+    """
+    known = [f.name for f in fields(PostProcess)]
+    if not isinstance(overrides, dict):
+        raise ValueError(f"must be a mapping of {', '.join(known)}, got {overrides!r}")
+    unknown = sorted(set(overrides) - set(known))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; known: {', '.join(known)}")
+    return PostProcess(**{**(base or {}), **overrides})
 
 
 def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, post: PostProcess = PostProcess()) -> np.ndarray:

@@ -276,7 +276,7 @@ def set_postprocess(path: str | Path, rule: dict, out: str | Path | None = None,
         ModelError: not a readable nuclei checkpoint.
         ValueError: a bad rule.
     """
-    from .instances import PostProcess
+    from .instances import PostProcess, postprocess_from
 
     path = Path(path)
     try:
@@ -288,11 +288,8 @@ def set_postprocess(path: str | Path, rule: dict, out: str | Path | None = None,
     meta = dict(ckpt.get("meta", {}))
     if meta.get("task") != "segment":
         raise ModelError(f"{path}: a {meta.get('task')} checkpoint has no post-processing (nuclei models only)")
-    unknown = set(rule) - {"fg_threshold", "marker_h", "min_area_px"}
-    if unknown:
-        raise ValueError(f"unknown post-processing field(s) {sorted(unknown)}")
     old = PostProcess(**meta.get("postprocess", {})).to_dict()
-    new = PostProcess(**{**old, **rule}).to_dict()
+    new = postprocess_from(rule, old).to_dict()
     meta["postprocess_history"] = list(meta.get("postprocess_history", [])) + [{"from": old, "to": new, "note": note}]
     meta["postprocess"] = new
     ckpt["meta"] = meta

@@ -64,8 +64,8 @@ def test_default_config_loads_and_resolves_paths():
         ({"slides": "/no/such/folder"}, "does not exist"),
         ({"classify": None, "segment": None}, "nothing to do"),
         ({"segment": {"preset": "nuclei", "postprocess": {"marker_h": 1.5}}}, r"segment.postprocess: marker_h must be"),
-        ({"segment": {"preset": "nuclei", "postprocess": {"h": 0.2}}}, r"segment.postprocess must be empty or a mapping of fg"),
-        ({"segment": {"preset": "nuclei", "postprocess": 0.2}}, r"segment.postprocess must be a mapping"),
+        ({"segment": {"preset": "nuclei", "postprocess": {"h": 0.2}}}, r"segment.postprocess: unknown field\(s\) \['h'\]"),
+        ({"segment": {"preset": "nuclei", "postprocess": 0.2}}, r"segment.postprocess: must be a mapping"),
         ({"classify": {"preset": "nct_crc", "postprocess": {"marker_h": 0.2}}}, r"classify.postprocess .*nuclei only"),
     ],
 )

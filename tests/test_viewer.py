@@ -175,6 +175,8 @@ def test_viewer_in_a_real_browser(run, tmp_path):
     base = f"http://127.0.0.1:{server.server_address[1]}/{run['sid']}/viewer/index.html"
     try:
         dom, log = _browser(base, tmp_path, "dom")
+        if 'data-ready="1"' not in dom and not _console_errors(log):  # a cold first Chromium start (profile, fonts) on a
+            dom, log = _browser(base, tmp_path, "dom")                # busy 2-core machine can dump the DOM too early: once more
         assert not _console_errors(log), _console_errors(log)
         assert 'data-ready="1"' in dom
         assert int(re.search(r'data-drawn-tiles="(\d+)"', dom).group(1)) == len(_data(run["viewer"])["classify"]["tiles"])

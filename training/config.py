@@ -222,13 +222,12 @@ def _validate(cfg: TrainConfig, source: str) -> None:
     if cfg.targets not in ("aligned", "nearest"):
         bad("targets", "'aligned' or 'nearest'", cfg.targets)
     if isinstance(cfg.postprocess, dict):
-        from pipeline.instances import PostProcess
+        from pipeline.instances import postprocess_from
 
-        known = [f.name for f in dataclasses.fields(PostProcess)]
-        if not cfg.postprocess or set(cfg.postprocess) - set(known):
-            bad("postprocess", f"'tune', 'fixed' or a mapping of {', '.join(known)}", cfg.postprocess)
+        if not cfg.postprocess:
+            bad("postprocess", "'tune', 'fixed' or a mapping of fg_threshold, marker_h, min_area_px", cfg.postprocess)
         try:
-            PostProcess(**cfg.postprocess)
+            postprocess_from(cfg.postprocess)
         except ValueError as err:
             raise TrainConfigError(f"{source}: postprocess: {err}") from None
     elif cfg.postprocess not in ("tune", "fixed"):

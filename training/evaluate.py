@@ -23,7 +23,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 import torch
 
-from pipeline.instances import PostProcess
+from pipeline.instances import PostProcess, postprocess_from
 from pipeline.models import ModelError, load_model
 from pipeline.config import ModelSpec
 
@@ -197,7 +197,7 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
             raise ValueError("post-processing is for nuclei models")
         for m in loaded.values():
             if m is not None:
-                m.meta["postprocess"] = PostProcess(**{**m.meta.get("postprocess", {}), **postprocess}).to_dict()
+                m.meta["postprocess"] = postprocess_from(postprocess, m.meta.get("postprocess", {})).to_dict()
     first = next((m for m in loaded.values() if m is not None), None)
     mpp = first.spec.mpp if first else 0.5
     tile_px = first.spec.tile_px if first else 256
