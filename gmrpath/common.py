@@ -116,3 +116,8 @@ def stain_option(text: Optional[str]) -> Optional[dict]:
         return stain_option_target(text) or {}  # the reference itself: a file error, one line
     except ValueError as err:
         fail(err)
+
+
+def postprocess_options(fg_threshold: Optional[float], marker_h: Optional[float]) -> dict:
+    """The post-processing fields a command's ``--fg-threshold`` / ``--marker-h`` set (those given)."""
+    return {k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items() if v is not None}

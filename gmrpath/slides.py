@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .common import ThreadsOpt, console, fail, pipeline_config, progress_bar, use_threads
+from .common import ThreadsOpt, console, fail, pipeline_config, postprocess_options, progress_bar, use_threads
 
 __all__ = ["app"]
 
@@ -198,8 +198,7 @@ def segment_cmd(
     use_threads(threads)
     cfg, out, summary = _run_slide_task("segment", "nuclei", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=None, tta=tta,
-        stain_norm=stain_norm, postprocess={k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items()
-                                            if v is not None}),
+        stain_norm=stain_norm, postprocess=postprocess_options(fg_threshold, marker_h)),
         lambda cfg, out, update: segment_slide(slide, cfg, out, progress=update, block_px=block_px), unit="blocks",
         viewer=viewer)
     Console().print_json(json.dumps(summary))

@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from .common import ThreadsOpt, console, fail, stain_option, use_threads
+from .common import ThreadsOpt, console, fail, postprocess_options, stain_option, use_threads
 
 __all__ = ["app", "parse_sets"]
 
@@ -102,6 +102,7 @@ def train_cmd(
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's), not one per process
         typer.echo(json.dumps(result, indent=1))
 
+
 def _cv_table(result: dict, out: str):
     """The folds of a cross-validation as a table (nuclei: next to the classical baseline)."""
     from rich.table import Table
@@ -135,7 +136,7 @@ def set_postprocess_cmd(
     """Store a nuclei checkpoint's post-processing rule (what segment and evaluate use); weights unchanged."""
     from pipeline.models import set_postprocess
 
-    rule = {k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items() if v is not None}
+    rule = postprocess_options(fg_threshold, marker_h)
     if not rule:
         raise typer.BadParameter("give --fg-threshold and/or --marker-h")
     try:
@@ -194,7 +195,7 @@ def evaluate_cmd(
         report = evaluate(models, cfg, out, task="semantic" if semantic else None, angles=_angles(angles), split=split,
                           device=device, log=console.print, images=images or None, limit=limit, workers=workers,
                           stain_norm=stain_option(stain_norm), sensitivity=sensitivity,
-                          postprocess={k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items() if v is not None})
+                          postprocess=postprocess_options(fg_threshold, marker_h))
     except ValueError as err:
         fail(err)
     _print_report(report, console)

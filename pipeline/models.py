@@ -179,7 +179,8 @@ def state_mismatch(module: torch.nn.Module, state: dict) -> str:
     return "; ".join(parts)
 
 
-def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedModel:
+def _read_checkpoint(path: Path) -> dict:
+    """A GMR-Path checkpoint's dict, read with ``weights_only=True``; :class:`ModelError` naming the file otherwise."""
     if not path.is_file():
         raise ModelError(f"{path}: model checkpoint not found")
     try:
@@ -200,6 +201,11 @@ def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedM
     if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
         raise ModelError(f"{path}: not a GMR-Path checkpoint (expected a dict with format={CHECKPOINT_FORMAT!r})")
     _check_metadata(path, ckpt)
+    return ckpt
+
+
+def _load_checkpoint(path: Path, spec: ModelSpec, check: bool = True) -> LoadedModel:
+    ckpt = _read_checkpoint(path)
     if check:
         _check_fits(path, ckpt, spec)
     classes = list(ckpt.get("classes", spec.classes))
@@ -279,12 +285,7 @@ def set_postprocess(path: str | Path, rule: dict, out: str | Path | None = None,
     from .instances import PostProcess, postprocess_from
 
     path = Path(path)
-    try:
-        ckpt = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as err:  # noqa: BLE001 - any unreadable file is one error naming it
-        raise ModelError(f"{path}: not a readable checkpoint ({_first_line(str(err))})") from None
-    if not isinstance(ckpt, dict) or ckpt.get("format") != CHECKPOINT_FORMAT:
-        raise ModelError(f"{path}: not a GMR-Path checkpoint (format {CHECKPOINT_FORMAT})")
+    ckpt = _read_checkpoint(path)
     meta = dict(ckpt.get("meta", {}))
     if meta.get("task") != "segment":
         raise ModelError(f"{path}: a {meta.get('task')} checkpoint has no post-processing (nuclei models only)")

@@ -18,7 +18,6 @@ Example::
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import time
 from pathlib import Path
@@ -61,12 +60,8 @@ def model_margin_px(loaded) -> int:
 
 
 def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[str] = None, progress: Progress = None,
-                  block_px: int = 1024, threshold: Optional[float] = None, stop_after_blocks: Optional[int] = None) -> dict:
+                  block_px: int = 1024, stop_after_blocks: Optional[int] = None) -> dict:
     """Nuclei of one slide: OME-Zarr probability + label pyramid, detections GeoJSON, summary.
-
-    Args:
-        threshold: overrides the foreground threshold the checkpoint was trained with (and
-            ``cfg.segment.postprocess``'s).
 
     Raises:
         SlideError, NoTissueError, ModelError, OutputError: with the file and the problem.
@@ -74,7 +69,7 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     import zarr
 
     from .infer import prepare_model
-    from .instances import PostProcess
+    from .instances import postprocess_from
     from .models import load_model
     from .runtime import bound_heap_growth, resolve_device
     from .summary import write_summary
@@ -86,9 +81,7 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
     dev = resolve_device(device or cfg.run.device)
     loaded = load_model(cfg.segment)
     spec = loaded.spec
-    post = PostProcess(**{**loaded.meta.get("postprocess", {}), **cfg.segment.postprocess})
-    if threshold is not None:
-        post = dataclasses.replace(post, fg_threshold=threshold)
+    post = postprocess_from(cfg.segment.postprocess, loaded.meta.get("postprocess", {}))  # the config's over the checkpoint's
     slide = open_configured_slide(path, cfg)
     sid = slide_id(slide.path)
     paths = slide_outputs(out_dir, sid)

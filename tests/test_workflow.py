@@ -54,6 +54,13 @@ def _threshold_for_untrained(cfg, slide) -> float:
     return float(np.quantile(segment_maps(loaded.module, region, loaded.mean, loaded.std, torch.device("cpu"))[0], 0.9))
 
 
+def _with_threshold(cfg, threshold: float):
+    """``cfg`` with its segmenter's foreground threshold set (the config's ``segment.postprocess``)."""
+    import dataclasses
+
+    return dataclasses.replace(cfg, segment=dataclasses.replace(cfg.segment, postprocess={"fg_threshold": threshold}))
+
+
 def test_postprocess_overrides_reach_the_segmentation_and_its_record(small_slide, tmp_path):
     """The config's segment.postprocess replaces the shipped checkpoint's: recorded, and a higher marker merges."""
     counts = {}
@@ -69,7 +76,7 @@ def test_postprocess_overrides_reach_the_segmentation_and_its_record(small_slide
 def test_segment_writes_labels_detections_and_resumes_identically(small_slide, tmp_path):
     ref_cfg = _seg_cfg(small_slide, tmp_path / "ref")
     thr = _threshold_for_untrained(ref_cfg, small_slide)
-    ref = segment_slide(small_slide, ref_cfg, ref_cfg.out, block_px=256, threshold=thr)
+    ref = segment_slide(small_slide, _with_threshold(ref_cfg, thr), ref_cfg.out, block_px=256)
     paths = slide_outputs(ref_cfg.out, "crop")
     store = zarr.open_group(str(paths["nuclei_zarr"]), mode="r")
     assert store.attrs["ome"]["version"] == "0.5"
@@ -88,8 +95,8 @@ def test_segment_writes_labels_detections_and_resumes_identically(small_slide, t
     # interrupted after one block, then resumed: the same store
     cfg = _seg_cfg(small_slide, tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
-        segment_slide(small_slide, cfg, cfg.out, block_px=256, threshold=thr, stop_after_blocks=1)
-    again = segment_slide(small_slide, cfg, cfg.out, block_px=256, threshold=thr)
+        segment_slide(small_slide, _with_threshold(cfg, thr), cfg.out, block_px=256, stop_after_blocks=1)
+    again = segment_slide(small_slide, _with_threshold(cfg, thr), cfg.out, block_px=256)
     other = zarr.open_group(str(slide_outputs(cfg.out, "crop")["nuclei_zarr"]), mode="r")
     assert np.array_equal(np.asarray(other["0"][:]), np.asarray(store["0"][:]))
     assert np.array_equal(np.asarray(other["labels/nuclei/0"][:]), np.asarray(store["labels/nuclei/0"][:]))
@@ -180,9 +187,9 @@ def test_segment_is_independent_of_blocks_and_outlines_match_the_mask(small_slid
     is one detection, and every detection's polygon has the mask's area and centroid."""
     cfg = _seg_cfg(small_slide, tmp_path / "one")
     thr = _threshold_for_untrained(cfg, small_slide)
-    segment_slide(small_slide, cfg, cfg.out, block_px=768, threshold=thr)
+    segment_slide(small_slide, _with_threshold(cfg, thr), cfg.out, block_px=768)
     cfg_small = _seg_cfg(small_slide, tmp_path / "many")
-    many = segment_slide(small_slide, cfg_small, cfg_small.out, block_px=128, threshold=thr)
+    many = segment_slide(small_slide, _with_threshold(cfg_small, thr), cfg_small.out, block_px=128)
     one_store = zarr.open_group(str(slide_outputs(cfg.out, "crop")["nuclei_zarr"]), mode="r")
     many_store = zarr.open_group(str(slide_outputs(cfg_small.out, "crop")["nuclei_zarr"]), mode="r")
     p1, p2 = np.asarray(one_store["0"][0]).astype(int), np.asarray(many_store["0"][0]).astype(int)
@@ -237,7 +244,7 @@ def test_segment_is_independent_of_blocks_and_outlines_match_the_mask(small_slid
 
 def test_every_pyramid_level_is_registered_with_level_0(small_slide, tmp_path):
     cfg = _seg_cfg(small_slide, tmp_path / "p")
-    segment_slide(small_slide, cfg, cfg.out, block_px=256, threshold=_threshold_for_untrained(cfg, small_slide))
+    segment_slide(small_slide, _with_threshold(cfg, _threshold_for_untrained(cfg, small_slide)), cfg.out, block_px=256)
     store = zarr.open_group(str(slide_outputs(cfg.out, "crop")["nuclei_zarr"]), mode="r")
     for node in (store, store["labels/nuclei"]):
         datasets = node.attrs["ome"]["multiscales"][0]["datasets"]

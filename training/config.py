@@ -221,11 +221,9 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("model_kwargs", "a mapping", cfg.model_kwargs)
     if cfg.targets not in ("aligned", "nearest"):
         bad("targets", "'aligned' or 'nearest'", cfg.targets)
-    if isinstance(cfg.postprocess, dict):
+    if isinstance(cfg.postprocess, dict) and cfg.postprocess:
         from pipeline.instances import postprocess_from
 
-        if not cfg.postprocess:
-            bad("postprocess", "'tune', 'fixed' or a mapping of fg_threshold, marker_h, min_area_px", cfg.postprocess)
         try:
             postprocess_from(cfg.postprocess)
         except ValueError as err:

@@ -6,8 +6,8 @@ Fold ``i`` trains on the other folds (``data.folds = k``, ``data.fold = i``) int
 (``classical_*`` keys) on the same held-out images, names their groups and scores every
 post-processing setting upright (``postprocess_sensitivity``): averaged over folds, that is a
 threshold choice made out of fold (``pooled_postprocess``, best AJI first). ``OUT/cv.json``
-gathers every fold and the mean and standard deviation over folds. Finished folds are skipped on a rerun (with ``resume``,
-an unfinished one continues).
+gathers every fold and the mean and standard deviation over folds. Finished folds are skipped
+on a rerun (with ``resume``, an unfinished one continues).
 
 Example::
 
@@ -42,6 +42,7 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
     if folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
     root = Path(cfg.out)
+    nuclei = cfg.task == "segment"
     per_fold = []
     for i in range(folds):
         fold_cfg = dataclasses.replace(cfg, out=str(root / f"fold{i}"), data=dataclasses.replace(cfg.data, folds=folds, fold=i))
@@ -50,7 +51,6 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
             log(f"fold {i + 1}/{folds}: training")
             train(fold_cfg, resume=resume and (Path(fold_cfg.out) / "last.pt").is_file(), skip_bad=skip_bad, log=log)
         best, eval_dir = str(Path(fold_cfg.out) / "best.pt"), Path(fold_cfg.out) / "eval"
-        nuclei = cfg.task == "segment"
         report = evaluate([best] + ([CLASSICAL] if nuclei else []), fold_cfg.data, eval_dir, task=cfg.task,
                           split="val", device=cfg.device, log=log, angles=SEGMENT_ANGLES if nuclei else None,
                           sensitivity=nuclei)
@@ -65,7 +65,7 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
     pooled = {k: {"mean": float(np.mean([f[k] for f in per_fold])), "sd": float(np.std([f[k] for f in per_fold], ddof=1))}
               for k in keys}
     result = {"model": cfg.model, "folds": folds, "per_fold": per_fold, "pooled": pooled}
-    if cfg.task == "segment":
+    if nuclei:
         result["pooled_postprocess"] = _pooled_grid([f["postprocess_sensitivity"] for f in per_fold])
     root.mkdir(parents=True, exist_ok=True)
     tmp = root / ".cv.json.tmp"
