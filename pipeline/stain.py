@@ -180,19 +180,25 @@ def stain_option_target(text: str) -> Optional[dict]:
     return fit_stain_target(*split_stain_option(text))
 
 
-def typical_stats(method: str, images: dict) -> dict:
+def typical_stats(stats: dict) -> dict:
     """The stats of the most typical image of a set: the one whose stats are nearest (each number
     scaled by its spread over the set) to the set's median. A reference chosen by rule, not by eye.
 
     Args:
-        images: name -> RGB uint8 image.
+        stats: name -> that image's :func:`stain_stats` (measured once by the caller, which maps
+            every image with them too).
 
     Returns:
         its stats plus ``"reference"``: its name.
+
+    Example:
+        >>> stats = {name: {"method": "reinhard", "means": [l, 0.0, 0.0], "stds": [1.0, 1.0, 1.0]}
+        ...          for name, l in (("pale", 90.0), ("usual", 60.0), ("dark", 55.0))}
+        >>> typical_stats(stats)["reference"]
+        'usual'
     """
-    if not images:
+    if not stats:
         raise ValueError("no images to choose a stain reference from")
-    stats = {name: stain_stats(method, image) for name, image in images.items()}
     keys = [k for k in ("stain_matrix", "max_concentration", "means", "stds") if k in next(iter(stats.values()))]
     vectors = np.array([np.concatenate([np.ravel(st[k]) for k in keys]) for st in stats.values()])
     spread = vectors.std(0) + 1e-9

@@ -112,17 +112,14 @@ def _stain_normalise(data: LoadedData, cfg: TrainConfig, log) -> LoadedData:
     from pipeline.stain import fit_stain_target, stain_stats, stain_transfer, typical_stats
 
     method, reference = cfg.stain_norm["method"], cfg.stain_norm["reference"]
-    if reference == "auto":  # the most typical training image (at the model's mpp)
-        target = typical_stats(method, {s.name: s.image for s in data.train})
-    else:
-        target = fit_stain_target(method, reference)
-    train = []
-    for s in data.train:
+    stats = {}
+    for s in data.train:  # each image's stats, measured once: they choose an ``auto`` reference and map the image
         try:
-            image = stain_transfer(s.image, stain_stats(target["method"], s.image), target)
+            stats[s.name] = stain_stats(method, s.image)
         except ValueError as err:
             raise ValueError(f"{s.name}: {err}") from None
-        train.append(dataclasses.replace(s, image=image))
+    target = typical_stats(stats) if reference == "auto" else fit_stain_target(method, reference)
+    train = [dataclasses.replace(s, image=stain_transfer(s.image, stats[s.name], target)) for s in data.train]
     log(f"stain normalisation: {len(train)} training images mapped onto {target['reference']} ({target['method']})")
     return dataclasses.replace(data, train=train, stain_target=target)
 
