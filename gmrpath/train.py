@@ -236,12 +236,25 @@ def _train_with_progress(cfg, resume: bool, skip_bad: bool, console) -> dict:
         raise
 
 
+def _short_labels(names: list[str]) -> dict[str, str]:
+    """Each checkpoint's shortest trailing path (at least folder/file) that no other one shares."""
+    labels = {}
+    for name in names:
+        parts = Path(name).parts
+        depth = min(2, len(parts))
+        while depth < len(parts) and any(o != name and Path(o).parts[-depth:] == parts[-depth:] for o in names):
+            depth += 1
+        labels[name] = "/".join(parts[-depth:]) if name.endswith(".pt") else name
+    return labels
+
+
 def _print_report(report: dict, console) -> None:
     from rich.console import Console
     from rich.table import Table
 
     metrics = {"segment": ["dice", "aji", "pq"], "semantic": ["auc", "iou", "dice"]}.get(report["task"]) or \
         ["accuracy", "balanced_accuracy"] + (["auc"] if any("auc_upright" in r for r in report["models"].values()) else [])
+    labels = _short_labels(list(report["models"]))
     table = Table(title=f"{report['task']}: {report['data']} ({report['split']}, n={report['n']})")
     table.add_column("model")
     for m in metrics:
@@ -252,8 +265,18 @@ def _print_report(report: dict, console) -> None:
         for m in metrics:
             cells += [f"{r[f'{m}_upright']:.4f}",
                       f"{r[f'{m}_rotated_mean']:.4f} ± {r[f'{m}_rotated_std']:.4f} ({r[f'{m}_rotated_min']:.4f})"]
-        table.add_row(str(Path(name).parent.name + "/" + Path(name).name) if name.endswith(".pt") else name, *cells)
+        table.add_row(labels[name], *cells)
     Console(width=200, stderr=True).print(table)
+    found = {name: r for name, r in report["models"].items() if "recall_upright" in r}
+    if found:
+        recall = Table(title="true nuclei found (>= half their pixels predicted), upright: all, and by the image's "
+                             "median haematoxylin density and median area")
+        for col in ["model", "all", "pale", "dark", "small", "large"]:
+            recall.add_column(col)
+        for name, r in found.items():
+            recall.add_row(labels[name],
+                           *[f"{r[f'{k}_upright']:.3f}" for k in ("recall", "recall_pale", "recall_dark", "recall_small", "recall_large")])
+        Console(width=200, stderr=True).print(recall)
     for name, r in report["models"].items():
         grid = r.get("postprocess_sensitivity")
         if not grid:

@@ -387,6 +387,33 @@ def test_segmentation_scores_inside_a_mask():
     assert segmentation_scores(gt, pred)["dice"] < 0.9
 
 
+def test_nucleus_recall_splits_misses_by_stain_and_size():
+    from training.metrics import nucleus_recall
+
+    gt = np.zeros((40, 40), np.int32)
+    gt[2:6, 2:6], gt[2:6, 10:14] = 1, 2            # small, dark / small, pale
+    gt[20:30, 2:12], gt[20:30, 20:30] = 3, 4      # large, dark / large, pale
+    image = np.full((40, 40, 3), 235, np.uint8)
+    for i, dark in ((1, True), (2, False), (3, True), (4, False)):
+        image[gt == i] = (60, 30, 120) if dark else (190, 170, 215)
+    pred = np.isin(gt, [1, 3]).astype(np.int32)    # finds the dark two only
+    pred[20:24, 20:30] = 5                         # 40% of nucleus 4: not found
+    r = nucleus_recall(gt, pred, image)
+    assert r["recall"] == 0.5 and r["recall_dark"] == 1.0 and r["recall_pale"] == 0.0
+    assert r["recall_small"] == 0.5 and r["recall_large"] == 0.5
+    assert nucleus_recall(gt, pred, image, covered=0.4)["recall_pale"] == 0.5  # the 40% one counts now
+    assert np.isnan(nucleus_recall(np.zeros_like(gt), pred, image)["recall"])
+    with pytest.raises(ValueError, match="must match"):
+        nucleus_recall(gt, pred[:30], image)
+
+
+def test_evaluate_table_tells_same_named_checkpoints_apart():
+    from gmrpath.train import _short_labels
+
+    names = ["r/gmr/fold4/best.pt", "r/unet/fold4/best.pt", "models/x.pt", "classical"]
+    assert list(_short_labels(names).values()) == ["gmr/fold4/best.pt", "unet/fold4/best.pt", "models/x.pt", "classical"]
+
+
 def test_classification_scores():
     labels = np.array([0, 0, 0, 1])
     probs = np.array([[0.9, 0.1], [0.8, 0.2], [0.4, 0.6], [0.3, 0.7]])
@@ -655,6 +682,9 @@ def test_evaluate_scores_only_the_images_asked_for(tmp_path, nuclei_dir):
     assert result.exit_code == 0, result.output
     report = json.loads((tmp_path / "ev" / "evaluation.json").read_text())
     assert report["n"] == 3 and "3/3 images" in result.output  # a progress line per image
+    found = report["models"]["classical"]
+    assert 0 < found["recall_upright"] <= 1 and {"recall_pale_upright", "recall_large_upright"} <= set(found)
+    assert "true nuclei found" in result.output
     result = CliRunner().invoke(app, ["evaluate", "classical", "--data", str(nuclei_dir), "--mpp", "0.5", "--angles", "0",
                                       "--limit", "2", "--out", str(tmp_path / "ev2")])
     assert result.exit_code == 0 and json.loads((tmp_path / "ev2" / "evaluation.json").read_text())["n"] == 2

@@ -5,7 +5,9 @@ every angle of ``angles`` (default 36 rotations in 10-degree steps: per angle, m
 standard deviation) and under horizontal and vertical flips. Segmentation: Dice, AJI and PQ
 on the whole upright image, and at every angle inside the central disc (the image is
 rotated, segmented, the maps rotated back; the disc is inside the image at every angle, so
-the angles are compared on the same tissue). Any number of checkpoints side by side; the
+the angles are compared on the same tissue); upright, also the fraction of true nuclei found,
+overall and in the pale / dark and small / large halves (:func:`training.metrics.nucleus_recall`:
+``recall*_upright``). Any number of checkpoints side by side; the
 name ``classical`` stands for the colour-deconvolution baseline. Writes ``evaluation.json``,
 ``evaluation.csv`` (one row per model, image or set, and angle) and ``polar.png``.
 
@@ -29,7 +31,7 @@ from pipeline.config import ModelSpec
 
 from .config import DataConfig
 from .datasets import load_dataset
-from .metrics import classification_scores, segmentation_scores, semantic_scores
+from .metrics import RECALL_KEYS, classification_scores, nucleus_recall, segmentation_scores, semantic_scores
 from .protocol import (TUNE_FG, TUNE_H, central_disc, native_labels, nuclei_block_maps, nuclei_probability, postprocess_grid,
                        rotate_image, upright_stain_stats)
 from .records import write_rows
@@ -114,7 +116,8 @@ def _nuclei(loaded, samples, angles, device, log: Callable[[str], None] = print,
                 pred = native_labels(blocks, post, loaded.module, s, loaded.spec.mpp, angle)
                 valid = central_disc(s.native_labels.shape)
             if angle == 0:
-                rows.append({"image": s.name, "view": "upright", "value": 0.0, **score(s.native_labels, pred)})
+                found = {} if semantic else nucleus_recall(s.native_labels, pred, s.native_image)
+                rows.append({"image": s.name, "view": "upright", "value": 0.0, **score(s.native_labels, pred), **found})
             rows.append({"image": s.name, "view": "angle", "value": angle, **score(s.native_labels, pred, valid)})
         up = next(r for r in rows if r["image"] == s.name and r["view"] == "upright")
         log(f"  {name_of(loaded)}: {sum(r['view'] == 'upright' for r in rows)}/{len(samples)} images, {s.name}: dice {up['dice']:.3f}")
@@ -144,6 +147,10 @@ def _summarise(rows: list[dict], metrics: Sequence[str]) -> dict:
         flips = [r[m] for r in rows if r["view"] == "flip"]
         if flips:
             out[f"{m}_flips"] = {r["value"]: r[m] for r in rows if r["view"] == "flip"}
+    for k in RECALL_KEYS:  # nuclei instances: which true nuclei were found (upright, by stain and size)
+        if upright and all(k in r for r in upright):
+            vals = [r[k] for r in upright if not np.isnan(r[k])]
+            out[f"{k}_upright"] = float(np.mean(vals)) if vals else float("nan")
     return out
 
 
