@@ -87,6 +87,7 @@ def _comparable(path: Path, out: Path):
     return path.read_bytes()
 
 
+@pytest.mark.timeout(1500)  # two full workflow runs, each given 1200 s below; alone here it took about 480 s, in the suite over 600
 def test_workflow_runs_through_slurm_and_matches_a_local_run(cluster, tmp_path):
     slides = _slides(tmp_path)
     overrides = ["--default-resources", "slurm_partition=local", "mem_mb=2000", "runtime=30",
