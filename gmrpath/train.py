@@ -269,13 +269,14 @@ def _print_report(report: dict, console) -> None:
     Console(width=200, stderr=True).print(table)
     found = {name: r for name, r in report["models"].items() if "recall_upright" in r}
     if found:
+        from training.metrics import RECALL_KEYS
         recall = Table(title="true nuclei found (>= half their pixels predicted), upright: all, and by the image's "
                              "median haematoxylin density and median area")
         for col in ["model", "all", "pale", "dark", "small", "large"]:
             recall.add_column(col)
         for name, r in found.items():
             recall.add_row(labels[name],
-                           *[f"{r[f'{k}_upright']:.3f}" for k in ("recall", "recall_pale", "recall_dark", "recall_small", "recall_large")])
+                           *[f"{r[f'{k}_upright']:.3f}" for k in RECALL_KEYS])
         Console(width=200, stderr=True).print(recall)
     for name, r in report["models"].items():
         grid = r.get("postprocess_sensitivity")
