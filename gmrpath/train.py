@@ -156,6 +156,10 @@ def evaluate_cmd(
     split_csv: Optional[Path] = typer.Option(None, "--split-csv", help="CSV image,split: with --split, score one side only."),
     split: str = typer.Option("all", "--split", help="all, train, val, or test (PCam's *_test_x.h5)."),
     images: list[str] = typer.Option([], "--images", help="Score only images whose names match (shell pattern, e.g. '*_03'; repeatable)."),
+    group: list[str] = typer.Option([], "--group", help="Nuclei: score only one group's images, COLUMN=VALUE of --groups-csv "
+                                    "(e.g. organ=prostate; repeat for several values of one column)."),
+    groups_csv: Optional[Path] = typer.Option(None, "--groups-csv", help="CSV image,COLUMN... naming each image's group "
+                                              "(default: --split-csv)."),
     limit: Optional[int] = typer.Option(None, "--limit", min=1, help="Score at most this many images (the first by name)."),
     labels_dir: str = typer.Option("labels", "--labels-dir", help="Nuclei: the masks' folder under --data (e.g. masks_annotator1)."),
     semantic: bool = typer.Option(False, "--semantic", help="Nuclei: score the foreground map (pixel AUC, IoU, Dice; binary masks) "
@@ -185,6 +189,7 @@ def evaluate_cmd(
     if kind is None:
         kind = "csv" if data.suffix.lower() == ".csv" else "nuclei" if (data / labels_dir).is_dir() else \
             "h5" if any(data.glob("*_x.h5*")) else "folder"
+    group_filter = _group_filter(group, groups_csv or split_csv)
     if mpp is None and mpp_csv is None:
         raise typer.BadParameter("give the data's resolution: --mpp (e.g. 0.25 for 40x) or --mpp-csv")
     if not data.exists():
@@ -195,11 +200,23 @@ def evaluate_cmd(
         report = evaluate(models, cfg, out, task="semantic" if semantic else None, angles=_angles(angles), split=split,
                           device=device, log=console.print, images=images or None, limit=limit, workers=workers,
                           stain_norm=stain_option(stain_norm), sensitivity=sensitivity,
-                          postprocess=postprocess_options(fg_threshold, marker_h))
+                          postprocess=postprocess_options(fg_threshold, marker_h), group=group_filter)
     except ValueError as err:
         fail(err)
     _print_report(report, console)
     console.print(f"wrote {out / 'evaluation.json'}, {out / 'evaluation.csv'} and {out / 'polar.png'}")
+
+
+def _group_filter(group: list[str], csv_path: Optional[Path]) -> Optional[tuple[str, str, list[str]]]:
+    """``--group organ=prostate [--group organ=liver]`` as ``(csv, column, values)`` for :func:`training.evaluate.evaluate`."""
+    if not group:
+        return None
+    if csv_path is None:
+        raise typer.BadParameter("--group needs a CSV naming each image's group: --groups-csv (or --split-csv)")
+    pairs = [g.partition("=") for g in group]
+    if any(not col or not sep or not val for col, sep, val in pairs) or len({col for col, _, _ in pairs}) != 1:
+        raise typer.BadParameter(f"--group takes COLUMN=VALUE, one column for all (e.g. organ=prostate), got {group!r}")
+    return str(csv_path), pairs[0][0], [val for _, _, val in pairs]
 
 
 def _train_with_progress(cfg, resume: bool, skip_bad: bool, console) -> dict:

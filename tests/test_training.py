@@ -693,6 +693,35 @@ def test_evaluate_scores_only_the_images_asked_for(tmp_path, nuclei_dir):
     assert result.exit_code == 1 and "no image to score" in result.output
 
 
+def test_evaluate_scores_one_group_of_a_groups_csv(tmp_path, nuclei_dir):
+    """--group organ=a scores only the images the CSV puts in organ a; bad groups fail naming the CSV."""
+    from typer.testing import CliRunner
+
+    from gmrpath.cli import app
+
+    names = sorted(p.stem for p in (nuclei_dir / "images").iterdir())
+    groups = tmp_path / "groups.csv"
+    groups.write_text("image,organ\n" + "".join(f"{n},{'a' if i % 2 == 0 else 'b'}\n" for i, n in enumerate(names)))
+    in_a = names[::2]
+    base = ["evaluate", "classical", "--data", str(nuclei_dir), "--mpp", "0.5", "--angles", "0", "--groups-csv", str(groups)]
+    result = CliRunner().invoke(app, base + ["--group", "organ=a", "--out", str(tmp_path / "a")])
+    assert result.exit_code == 0, result.output
+    rows = (tmp_path / "a" / "evaluation.csv").read_text().splitlines()
+    scored = {line.split(",")[rows[0].split(",").index("image")] for line in rows[1:]}
+    assert scored == set(in_a) and len(in_a) < len(names)
+    both = CliRunner().invoke(app, base + ["--group", "organ=a", "--group", "organ=b", "--out", str(tmp_path / "ab")])
+    assert both.exit_code == 0 and json.loads((tmp_path / "ab" / "evaluation.json").read_text())["n"] == len(names)
+    narrowed = CliRunner().invoke(app, base + ["--group", "organ=a", "--images", names[0], "--out", str(tmp_path / "a0")])
+    assert narrowed.exit_code == 0 and json.loads((tmp_path / "a0" / "evaluation.json").read_text())["n"] == 1
+    unknown = CliRunner().invoke(app, base + ["--group", "organ=c", "--out", str(tmp_path / "c")])
+    assert unknown.exit_code == 1 and "groups.csv" in unknown.output and "known: a, b" in unknown.output
+    for bad in (["--group", "organ"], ["--group", "organ=a", "--group", "site=b"], ["--group", "tissue=a"]):
+        result = CliRunner().invoke(app, base + bad + ["--out", str(tmp_path / "bad")])
+        assert result.exit_code != 0 and not (tmp_path / "bad" / "evaluation.json").exists()
+    no_csv = CliRunner().invoke(app, base[:-2] + ["--group", "organ=a", "--out", str(tmp_path / "bad")])
+    assert no_csv.exit_code != 0 and "--groups-csv" in no_csv.output
+
+
 def test_no_selection_run_keeps_the_last_epoch_and_the_fixed_postprocessing(tmp_path, nuclei_dir):
     from pipeline.instances import PostProcess
     from training.loop import train

@@ -24,7 +24,7 @@ import random
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Optional
+from typing import Optional, Sequence
 
 import numpy as np
 
@@ -32,7 +32,8 @@ from .config import DataConfig
 from .targets import resize_labels
 
 __all__ = ["DataError", "Sample", "LoadedData", "load_dataset", "resample_image", "resize_image", "split_names",
-           "read_image", "read_mask", "mpp_table", "group_of", "IMAGE_EXTENSIONS"]
+           "read_image", "read_mask", "mpp_table", "group_of", "images_in_group",
+           "IMAGE_EXTENSIONS"]
 
 IMAGE_EXTENSIONS = (".png", ".tif", ".tiff", ".jpg", ".jpeg", ".bmp")
 
@@ -215,6 +216,27 @@ def _group_table(path: str, column: str, stamp: tuple) -> dict[str, str]:  # sta
     if not rows or "image" not in rows[0] or column not in rows[0]:
         raise DataError(f"{path}: needs 'image' and {column!r} columns (data.groups_csv / data.group_column)")
     return {Path(r["image"]).stem: r[column] for r in rows}
+
+
+def images_in_group(path: str | Path, column: str, values: Sequence[str]) -> set[str]:
+    """The image names (stems) whose ``column`` in the CSV at ``path`` is one of ``values``.
+
+    Example:
+        ``images_in_group("configs/splits/monuseg2018.csv", "organ", ["prostate"])``: the six prostate images.
+
+    Raises:
+        DataError: no such file or column, or a value that no image has (the known values are listed).
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: groups CSV not found")
+    st = path.stat()
+    table = _group_table(str(path), column, (st.st_mtime_ns, st.st_size))
+    known = sorted(set(table.values()))
+    missing = [v for v in values if v not in known]
+    if missing:
+        raise DataError(f"{path}: no image has {column} {', '.join(map(repr, missing))} (known: {', '.join(known)})")
+    return {name for name, value in table.items() if value in set(values)}
 
 
 def group_of(cfg: DataConfig, name: str) -> str:

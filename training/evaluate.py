@@ -30,7 +30,7 @@ from pipeline.models import ModelError, load_model
 from pipeline.config import ModelSpec
 
 from .config import DataConfig
-from .datasets import load_dataset
+from .datasets import images_in_group, load_dataset
 from .metrics import RECALL_KEYS, classification_scores, nucleus_recall, segmentation_scores, semantic_scores
 from .protocol import (TUNE_FG, TUNE_H, central_disc, native_labels, nuclei_block_maps, nuclei_probability, postprocess_grid,
                        rotate_image, upright_stain_stats)
@@ -158,7 +158,7 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
              angles: Optional[Sequence[float]] = None, split: str = "all", device: str = "auto",
              log: Callable[[str], None] = print, images: Optional[Sequence[str]] = None, limit: Optional[int] = None,
              workers: int = 0, stain_norm: Optional[dict] = None, sensitivity: bool = False,
-             postprocess: Optional[dict] = None) -> dict:
+             postprocess: Optional[dict] = None, group: Optional[tuple[str, str, Sequence[str]]] = None) -> dict:
     """Score checkpoints (and/or ``classical``) on a dataset, upright and rotated.
 
     Args:
@@ -169,6 +169,8 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         out: folder for ``evaluation.json``, ``evaluation.csv`` and ``polar.png``.
         angles: degrees; default every 10 (classify) or 30 (segment) from 0 to 350.
         images: score only the images whose names match one of these shell patterns (``*_03``).
+        group: nuclei: ``(csv, column, values)``, score only the images whose ``column`` in that CSV is
+            one of ``values`` (one organ of ``configs/splits/monuseg2018.csv``); with ``images``, both apply.
         limit: score at most this many images (the first, by name) or tiles.
         workers: DataLoader workers decoding tiles.
         stain_norm: a stain target (:func:`pipeline.stain.fit_stain_target`) every nuclei model maps
@@ -199,6 +201,8 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         for m in loaded.values():
             if m is not None:
                 m.meta["stain_norm"] = stain_norm
+    if group and task == "classify":
+        raise ValueError("--group picks nuclei images; tile sets have no groups CSV")
     if postprocess:
         if task == "classify":
             raise ValueError("post-processing is for nuclei models")
@@ -227,9 +231,13 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
             import fnmatch
 
             samples = [s for s in samples if any(fnmatch.fnmatchcase(s.name, p) or s.name == Path(p).stem for p in images)]
+        if group:
+            members = images_in_group(*group)
+            samples = [s for s in samples if Path(s.name).stem in members]
         samples = samples[:limit] if limit else samples
         if not samples:
-            raise ValueError(f"{data_cfg.root}: no image to score (split {split!r}" + (f", images {list(images)}" if images else "") + ")")
+            raise ValueError(f"{data_cfg.root}: no image to score (split {split!r}" + (f", images {list(images)}" if images else "")
+                             + (f", {group[1]} {list(group[2])}" if group else "") + ")")
         classes, digest, n = data.classes, data.digest, len(samples)
     if angles is None:
         angles = list(range(0, 360, 10 if task == "classify" else 30))
