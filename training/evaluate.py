@@ -193,6 +193,9 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
     if task not in ("segment", "semantic", "classify"):
         raise ValueError(f"task must be segment, semantic or classify, got {task!r}")
     model_task = "segment" if task == "semantic" else task
+    if group and task == "classify":
+        raise ValueError("--group picks nuclei images; tile sets have no groups CSV")
+    members = images_in_group(*group) if group else None  # a bad CSV or group fails before any model loads
     dev = resolve_device(device)
     loaded = {name: _load(name, model_task) for name in models}
     if stain_norm is not None:
@@ -201,8 +204,6 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         for m in loaded.values():
             if m is not None:
                 m.meta["stain_norm"] = stain_norm
-    if group and task == "classify":
-        raise ValueError("--group picks nuclei images; tile sets have no groups CSV")
     if postprocess:
         if task == "classify":
             raise ValueError("post-processing is for nuclei models")
@@ -231,8 +232,7 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
             import fnmatch
 
             samples = [s for s in samples if any(fnmatch.fnmatchcase(s.name, p) or s.name == Path(p).stem for p in images)]
-        if group:
-            members = images_in_group(*group)
+        if members is not None:
             samples = [s for s in samples if Path(s.name).stem in members]
         samples = samples[:limit] if limit else samples
         if not samples:
