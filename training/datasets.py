@@ -218,6 +218,12 @@ def _group_table(path: str, column: str, stamp: tuple) -> dict[str, str]:  # sta
     return {Path(r["image"]).stem: r[column] for r in rows}
 
 
+def _groups(path: Path, column: str) -> dict[str, str]:
+    """Image stem -> its ``column`` in the CSV at ``path``, cached until the file changes."""
+    st = path.stat()
+    return _group_table(str(path), column, (st.st_mtime_ns, st.st_size))
+
+
 def images_in_group(path: str | Path, column: str, values: Sequence[str]) -> set[str]:
     """The image names (stems) whose ``column`` in the CSV at ``path`` is one of ``values``.
 
@@ -230,21 +236,19 @@ def images_in_group(path: str | Path, column: str, values: Sequence[str]) -> set
     path = Path(path)
     if not path.is_file():
         raise DataError(f"{path}: groups CSV not found")
-    st = path.stat()
-    table = _group_table(str(path), column, (st.st_mtime_ns, st.st_size))
-    known = sorted(set(table.values()))
+    table = _groups(path, column)
+    known, wanted = sorted(set(table.values())), set(values)
     missing = [v for v in values if v not in known]
     if missing:
         raise DataError(f"{path}: no image has {column} {', '.join(map(repr, missing))} (known: {', '.join(known)})")
-    return {name for name, value in table.items() if value in set(values)}
+    return {name for name, value in table.items() if value in wanted}
 
 
 def group_of(cfg: DataConfig, name: str) -> str:
     """The group of an image name: its row in ``cfg.groups_csv``, else ``cfg.group_regex``'s first
     group, else the name itself."""
     if cfg.groups_csv:
-        st = Path(cfg.groups_csv).stat()
-        table = _group_table(str(cfg.groups_csv), cfg.group_column, (st.st_mtime_ns, st.st_size))
+        table = _groups(Path(cfg.groups_csv), cfg.group_column)
         if Path(name).stem not in table:
             raise DataError(f"{cfg.groups_csv}: names no group for image {name!r}")
         return table[Path(name).stem]
