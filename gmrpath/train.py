@@ -79,6 +79,7 @@ def train_cmd(
     device: Optional[str] = typer.Option(None, "--device", help="auto, cpu, cuda or cuda:N. Default: the config's."),
     skip_bad: bool = typer.Option(False, "--skip-bad", help="Skip unreadable or inconsistent files (listed) instead of stopping."),
     cv: int = typer.Option(0, "--cv", min=0, help="k-fold cross-validation by whole image: train k models, report mean and sd."),
+    folds: Optional[str] = typer.Option(None, "--folds", help="With --cv K: run only these folds, e.g. 0,1,2 (0-based)."),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Train a network from a YAML config: metrics per epoch, best.pt (for predict/segment) and last.pt (for --resume)."""
@@ -90,10 +91,13 @@ def train_cmd(
         overrides["device"] = device
     try:
         cfg = load_train_config(config, overrides)
+        if folds is not None and not cv:
+            raise ValueError("--folds picks folds of a cross-validation: give --cv K too")
         if cv:
             from training.crossval import cross_validate
 
-            result = cross_validate(cfg, cv, resume=resume, skip_bad=skip_bad, log=console.print)
+            only = _fold_list(folds) if folds is not None else None
+            result = cross_validate(cfg, cv, resume=resume, skip_bad=skip_bad, log=console.print, only=only)
             console.print(_cv_table(result, cfg.out))
         else:
             result = _train_with_progress(cfg, resume, skip_bad, console)
@@ -101,6 +105,14 @@ def train_cmd(
         fail(err)
     if int(os.environ.get("RANK", "0")) == 0:  # under torchrun, one summary (rank 0's), not one per process
         typer.echo(json.dumps(result, indent=1))
+
+
+def _fold_list(text: str) -> list[int]:
+    """``"0,1,2"`` -> ``[0, 1, 2]``; anything else is a ValueError naming the option."""
+    try:
+        return [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ValueError(f"--folds {text!r}: give fold numbers separated by commas, e.g. 0,1,2") from None
 
 
 def _cv_table(result: dict, out: str):
@@ -111,13 +123,16 @@ def _cv_table(result: dict, out: str):
     metrics = [m for m in ("dice", "aji", "pq", "accuracy", "balanced_accuracy") if f"{m}_upright" in folds[0]]
     columns = [(m, f"{m}_upright") for m in metrics] + [(f"{m} rotated min", f"{m}_rotated_min") for m in metrics[:1]]
     columns += [(f"classical {m}", f"classical_{m}_upright") for m in metrics if f"classical_{m}_upright" in folds[0]]
-    table = Table(title=f"{result['model']}, {result['folds']}-fold cross-validation ({out}/cv.json)")
+    run = result.get("folds_run", list(range(result["folds"])))
+    some = "" if len(run) == result["folds"] else f", folds {', '.join(map(str, run))} only"
+    table = Table(title=f"{result['model']}, {result['folds']}-fold cross-validation{some} ({out}/cv.json)")
     for name in ["fold", "held out", "n"] + [c for c, _ in columns]:
         table.add_column(name, justify="left" if name == "held out" else "right")
     for f in folds:
         table.add_row(str(f["fold"]), ", ".join(f.get("groups", [])), str(f["n_val"]), *(f"{f[k]:.3f}" for _, k in columns))
     pooled = result["pooled"]
-    table.add_row("mean", "", "", *(f"{pooled[k]['mean']:.3f} ± {pooled[k]['sd']:.3f}" for _, k in columns))
+    table.add_row("mean", "", "", *(f"{pooled[k]['mean']:.3f}" + (f" ± {pooled[k]['sd']:.3f}" if pooled[k]["sd"] is not None else "")
+                                   for _, k in columns))
     if result.get("pooled_postprocess"):
         best = result["pooled_postprocess"][0]
         table.caption = (f"best post-processing out of fold: fg_threshold {best['fg_threshold']}, marker_h {best['marker_h']} "

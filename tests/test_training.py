@@ -1041,6 +1041,41 @@ def test_leave_one_group_out_scores_each_group_once_next_to_the_classical_baseli
     assert not any("training" in line for line in lines)
 
 
+def test_cross_validation_runs_only_the_folds_asked_for(tmp_path, nuclei_dir):
+    """--cv 3 --folds 1: fold 1 trains and is scored, folds 0 and 2 are not touched; cv.json says so."""
+    from typer.testing import CliRunner
+
+    from gmrpath.cli import app
+    from training.crossval import cross_validate
+
+    path = write_cfg(tmp_path, epochs=1, select="last", postprocess="fixed", val_angles=[])
+    cfg = load_train_config(path, {"data": {"root": str(nuclei_dir)}})
+    for bad in ([3], [-1], [1, 1], []):
+        with pytest.raises(ValueError, match="folds to run"):
+            cross_validate(cfg, folds=3, only=bad, log=lambda line: None)
+    assert not (tmp_path / "run").exists()  # refused before anything trains
+
+    result = cross_validate(cfg, folds=3, only=[1], log=lambda line: None)
+    assert result["folds_run"] == [1] and [f["fold"] for f in result["per_fold"]] == [1]
+    assert sorted(p.name for p in (tmp_path / "run").glob("fold*")) == ["fold1"]
+    assert result["pooled"]["aji_upright"] == {"mean": result["per_fold"][0]["aji_upright"], "sd": None}
+    assert json.loads((tmp_path / "run" / "cv.json").read_text())["folds_run"] == [1]
+    from rich.console import Console
+
+    from gmrpath.train import _cv_table
+
+    console = Console(record=True, width=200)
+    console.print(_cv_table(result, str(tmp_path / "run")))
+    assert "folds 1 only" in console.export_text() and "±" not in console.export_text()
+
+    runner = CliRunner()
+    for args, message in ((["--folds", "0"], "give --cv K too"), (["--cv", "3", "--folds", "0;2"], "separated by commas"),
+                          (["--cv", "3", "--folds", "0,5"], "folds to run")):
+        res = runner.invoke(app, ["train", str(path), "--set", f"data.root={nuclei_dir}", *args])
+        assert res.exit_code != 0 and message in res.output, res.output
+    assert sorted(p.name for p in (tmp_path / "run").glob("fold*")) == ["fold1"]
+
+
 def test_evaluate_scores_every_checkpoint_under_a_given_post_processing(tmp_path, nuclei_dir):
     """--fg-threshold / --marker-h: the override's upright AJI is its own cell of the sensitivity table."""
     from training.evaluate import evaluate

@@ -7,7 +7,8 @@ Fold ``i`` trains on the other folds (``data.folds = k``, ``data.fold = i``) int
 post-processing setting upright (``postprocess_sensitivity``): averaged over folds, that is a
 threshold choice made out of fold (``pooled_postprocess``, best AJI first). ``OUT/cv.json``
 gathers every fold and the mean and standard deviation over folds. Finished folds are skipped
-on a rerun (with ``resume``, an unfinished one continues).
+on a rerun (with ``resume``, an unfinished one continues). ``only`` runs some of the k folds (the
+others untouched); ``cv.json`` then names them (``folds_run``) and pools over those alone.
 
 Example::
 
@@ -21,7 +22,7 @@ import csv
 import dataclasses
 import json
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 
@@ -33,22 +34,30 @@ SEGMENT_ANGLES = [0, 90, 180, 270, 45]  # nuclei folds: the model card's angles 
 
 
 def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad: bool = False,
-                   log: Callable[[str], None] = print) -> dict:
-    """Train and score ``folds`` folds; returns (and writes ``OUT/cv.json``) the per-fold and pooled scores."""
+                   log: Callable[[str], None] = print, only: Optional[Sequence[int]] = None) -> dict:
+    """Train and score ``folds`` folds (or the folds in ``only``); returns (and writes ``OUT/cv.json``) the
+    per-fold and pooled scores.
+
+    Raises:
+        ValueError: fewer than 2 folds, or an ``only`` fold outside ``0 .. folds - 1`` or repeated.
+    """
     from .datasets import group_of
     from .evaluate import CLASSICAL, evaluate
     from .loop import train
 
     if folds < 2:
         raise ValueError(f"cross-validation needs at least 2 folds, got {folds}")
+    run = list(range(folds)) if only is None else [int(i) for i in only]
+    if not run or len(set(run)) != len(run) or not all(0 <= i < folds for i in run):
+        raise ValueError(f"folds to run must be distinct, in 0..{folds - 1}, got {list(only or [])}")
     root = Path(cfg.out)
     nuclei = cfg.task == "segment"
     per_fold = []
-    for i in range(folds):
+    for n, i in enumerate(run):
         fold_cfg = dataclasses.replace(cfg, out=str(root / f"fold{i}"), data=dataclasses.replace(cfg.data, folds=folds, fold=i))
         summary_path = Path(fold_cfg.out) / "summary.json"
         if not summary_path.is_file():
-            log(f"fold {i + 1}/{folds}: training")
+            log(f"fold {i} ({n + 1}/{len(run)} of {folds}-fold): training")
             train(fold_cfg, resume=resume and (Path(fold_cfg.out) / "last.pt").is_file(), skip_bad=skip_bad, log=log)
         best, eval_dir = str(Path(fold_cfg.out) / "best.pt"), Path(fold_cfg.out) / "eval"
         report = evaluate([best] + ([CLASSICAL] if nuclei else []), fold_cfg.data, eval_dir, task=cfg.task,
@@ -62,9 +71,9 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
             row["postprocess_sensitivity"] = report["models"][best]["postprocess_sensitivity"]
         per_fold.append(row)
     keys = [k for k in per_fold[0] if k not in ("fold", "n_val", "groups", "postprocess_sensitivity")]
-    pooled = {k: {"mean": float(np.mean([f[k] for f in per_fold])), "sd": float(np.std([f[k] for f in per_fold], ddof=1))}
-              for k in keys}
-    result = {"model": cfg.model, "folds": folds, "per_fold": per_fold, "pooled": pooled}
+    pooled = {k: {"mean": float(np.mean([f[k] for f in per_fold])),
+                  "sd": float(np.std([f[k] for f in per_fold], ddof=1)) if len(per_fold) > 1 else None} for k in keys}
+    result = {"model": cfg.model, "folds": folds, "folds_run": run, "per_fold": per_fold, "pooled": pooled}
     if nuclei:
         result["pooled_postprocess"] = _pooled_grid([f["postprocess_sensitivity"] for f in per_fold])
     root.mkdir(parents=True, exist_ok=True)
