@@ -1058,6 +1058,8 @@ def test_cross_validation_runs_only_the_folds_asked_for(tmp_path, nuclei_dir):
     result = cross_validate(cfg, folds=3, only=[1], log=lambda line: None)
     assert result["folds_run"] == [1] and [f["fold"] for f in result["per_fold"]] == [1]
     assert sorted(p.name for p in (tmp_path / "run").glob("fold*")) == ["fold1"]
+    fold_log = (tmp_path / "run" / "fold1" / "train.log").read_text().splitlines()  # each fold keeps its log
+    assert fold_log[0].startswith("data: ") and fold_log[-1].startswith("epoch=1 ") and len(fold_log) == 2
     assert result["pooled"]["aji_upright"] == {"mean": result["per_fold"][0]["aji_upright"], "sd": None}
     assert json.loads((tmp_path / "run" / "cv.json").read_text())["folds_run"] == [1]
     from rich.console import Console

@@ -1,7 +1,7 @@
 """k-fold cross-validation by whole image: k trainings, each scored upright and rotated.
 
 Fold ``i`` trains on the other folds (``data.folds = k``, ``data.fold = i``) into
-``OUT/fold<i>/``, then its ``best.pt`` is evaluated on fold ``i`` by the paper's protocol
+``OUT/fold<i>/`` (its log in ``train.log``), then its ``best.pt`` is evaluated on fold ``i`` by the paper's protocol
 (:func:`training.evaluate.evaluate`); a nuclei fold also scores the classical baseline
 (``classical_*`` keys) on the same held-out images, names their groups and scores every
 post-processing setting upright (``postprocess_sensitivity``): averaged over folds, that is a
@@ -58,7 +58,8 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
         summary_path = Path(fold_cfg.out) / "summary.json"
         if not summary_path.is_file():
             log(f"fold {i} ({n + 1}/{len(run)} of {folds}-fold): training")
-            train(fold_cfg, resume=resume and (Path(fold_cfg.out) / "last.pt").is_file(), skip_bad=skip_bad, log=log)
+            train(fold_cfg, resume=resume and (Path(fold_cfg.out) / "last.pt").is_file(), skip_bad=skip_bad,
+                  log=_tee(log, Path(fold_cfg.out) / "train.log"))
         best, eval_dir = str(Path(fold_cfg.out) / "best.pt"), Path(fold_cfg.out) / "eval"
         report = evaluate([best] + ([CLASSICAL] if nuclei else []), fold_cfg.data, eval_dir, task=cfg.task,
                           split="val", device=cfg.device, log=log, angles=SEGMENT_ANGLES if nuclei else None,
@@ -81,6 +82,16 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(root / "cv.json")
     return result
+
+
+def _tee(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
+    """``log`` that also appends each line to ``path`` (a fold's ``train.log``, as a single run writes)."""
+    def both(line: str) -> None:
+        log(line)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+    return both
 
 
 def _scalars(scores: dict) -> dict:
