@@ -238,6 +238,7 @@ def _train_with_progress(cfg, resume: bool, skip_bad: bool, console) -> dict:
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
     from training.loop import train
+    from training.records import tee_log
 
     bar = Progress(TextColumn("[bold]epoch {task.fields[epoch]}/" + str(cfg.epochs)), BarColumn(), MofNCompleteColumn(),
                    TextColumn("steps  loss {task.fields[loss]}"), TimeElapsedColumn(), TimeRemainingColumn(), console=console)
@@ -248,13 +249,7 @@ def _train_with_progress(cfg, resume: bool, skip_bad: bool, console) -> dict:
 
     out = Path(cfg.out)
     fresh = not out.exists()
-    log_path = out / "train.log"
-
-    def log(line: str) -> None:
-        bar.console.print(line, soft_wrap=True)
-        out.mkdir(parents=True, exist_ok=True)
-        with open(log_path, "a") as fh:
-            fh.write(line + "\n")
+    log = tee_log(lambda line: bar.console.print(line, soft_wrap=True), out / "train.log")
 
     try:
         with bar:

@@ -133,6 +133,8 @@ def test_nct_crc_recipe_trains_evaluates_and_predicts_the_demo_slide(nct, tmp_pa
     result = runner.invoke(app, ["train", str(config), "--device", "cpu"])
     assert result.exit_code == 0, result.output
     assert "27 train / 18 val tiles" in result.output
+    log_lines = (tmp_path / "run" / "train.log").read_text().splitlines()  # the run's log, as printed
+    assert "27 train / 18 val tiles" in log_lines[0] and log_lines[-1].startswith("epoch=1 ")
     ckpt = tmp_path / "run" / "best.pt"
     meta = torch.load(ckpt, weights_only=True)["meta"]
     assert meta["train_tiles"] == 27 and meta["val_tiles"] == 18 and "train_images" not in meta

@@ -27,6 +27,7 @@ from typing import Callable, Optional, Sequence
 import numpy as np
 
 from .config import TrainConfig
+from .records import tee_log
 
 __all__ = ["cross_validate", "SEGMENT_ANGLES"]
 
@@ -59,7 +60,7 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
         if not summary_path.is_file():
             log(f"fold {i} ({n + 1}/{len(run)} of {folds}-fold): training")
             train(fold_cfg, resume=resume and (Path(fold_cfg.out) / "last.pt").is_file(), skip_bad=skip_bad,
-                  log=_tee(log, Path(fold_cfg.out) / "train.log"))
+                  log=tee_log(log, Path(fold_cfg.out) / "train.log"))
         best, eval_dir = str(Path(fold_cfg.out) / "best.pt"), Path(fold_cfg.out) / "eval"
         report = evaluate([best] + ([CLASSICAL] if nuclei else []), fold_cfg.data, eval_dir, task=cfg.task,
                           split="val", device=cfg.device, log=log, angles=SEGMENT_ANGLES if nuclei else None,
@@ -82,16 +83,6 @@ def cross_validate(cfg: TrainConfig, folds: int, resume: bool = False, skip_bad:
     tmp.write_text(json.dumps(result, indent=1))
     tmp.replace(root / "cv.json")
     return result
-
-
-def _tee(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
-    """``log`` that also appends each line to ``path`` (a fold's ``train.log``, as a single run writes)."""
-    def both(line: str) -> None:
-        log(line)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(path, "a") as fh:
-            fh.write(line + "\n")
-    return both
 
 
 def _scalars(scores: dict) -> dict:

@@ -11,8 +11,9 @@ from __future__ import annotations
 import csv
 import json
 from pathlib import Path
+from typing import Callable
 
-__all__ = ["write_rows", "atomic_save", "code_version"]
+__all__ = ["write_rows", "atomic_save", "code_version", "tee_log"]
 
 
 def code_version() -> str:
@@ -56,3 +57,13 @@ def write_rows(rows: list[dict], csv_path: Path, json_payload=None) -> None:
     tmp = json_path.with_name(f".{json_path.name}.tmp")
     tmp.write_text(json.dumps(rows if json_payload is None else json_payload, indent=1))
     tmp.replace(json_path)
+
+
+def tee_log(log: Callable[[str], None], path: Path) -> Callable[[str], None]:
+    """``log`` that also appends each line to ``path`` (a run's ``train.log``; its folder made on first use)."""
+    def both(line: str) -> None:
+        log(line)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(path, "a") as fh:
+            fh.write(line + "\n")
+    return both
