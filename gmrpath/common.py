@@ -118,6 +118,14 @@ def stain_option(text: Optional[str]) -> Optional[dict]:
         fail(err)
 
 
-def postprocess_options(fg_threshold: Optional[float], marker_h: Optional[float]) -> dict:
-    """The post-processing fields a command's ``--fg-threshold`` / ``--marker-h`` set (those given)."""
-    return {k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items() if v is not None}
+def postprocess_options(fg_threshold: Optional[float], marker_h: Optional[float], marker_h_dense: Optional[float] = None) -> dict:
+    """The post-processing fields a command's ``--fg-threshold`` / ``--marker-h`` / ``--marker-h-dense``
+    set (those given; ``--marker-h-dense 0`` turns the density rule off: one height everywhere)."""
+    rule = {k: v for k, v in dict(fg_threshold=fg_threshold, marker_h=marker_h).items() if v is not None}
+    if marker_h_dense is not None:
+        rule["marker_h_dense"] = None if marker_h_dense == 0 else marker_h_dense
+    return rule
+
+
+MARKER_H_DENSE_HELP = ("Marker height where nuclei crowd (the height then follows the local nuclear density, "
+                       "see pipeline/instances.py); 0: one height everywhere.")

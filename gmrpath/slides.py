@@ -18,7 +18,7 @@ from typing import Optional
 import typer
 from rich.console import Console
 
-from .common import ThreadsOpt, console, fail, pipeline_config, postprocess_options, progress_bar, use_threads
+from .common import MARKER_H_DENSE_HELP, ThreadsOpt, console, fail, pipeline_config, postprocess_options, progress_bar, use_threads
 
 __all__ = ["app"]
 
@@ -90,7 +90,7 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
         try:
             postprocess_from(merged)
         except ValueError as err:
-            raise typer.BadParameter(f"--fg-threshold / --marker-h: {err}") from None
+            raise typer.BadParameter(f"--fg-threshold / --marker-h / --marker-h-dense: {err}") from None
         spec = dataclasses.replace(spec, postprocess=merged)
     return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
 
@@ -190,6 +190,8 @@ def segment_cmd(
     marker_h: Optional[float] = typer.Option(None, "--marker-h", help="Marker height of the distance map: higher merges "
                                              "nuclei that come out split, lower splits clumps (default: the config's, "
                                              "else the checkpoint's)."),
+    marker_h_dense: Optional[float] = typer.Option(None, "--marker-h-dense", help=MARKER_H_DENSE_HELP + " Default: the "
+                                                   "config's, else the checkpoint's."),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Segment nuclei of one slide: OME-Zarr probability + label pyramid, QuPath detections, summary, viewer."""
@@ -198,7 +200,7 @@ def segment_cmd(
     use_threads(threads)
     cfg, out, summary = _run_slide_task("segment", "nuclei", slide, out, dict(
         config=config, mpp=mpp, model=model, device=device, batch_size=batch_size, num_workers=None, tta=tta,
-        stain_norm=stain_norm, postprocess=postprocess_options(fg_threshold, marker_h)),
+        stain_norm=stain_norm, postprocess=postprocess_options(fg_threshold, marker_h, marker_h_dense)),
         lambda cfg, out, update: segment_slide(slide, cfg, out, progress=update, block_px=block_px), unit="blocks",
         viewer=viewer)
     Console().print_json(json.dumps(summary))

@@ -19,7 +19,7 @@ from typing import Optional
 
 import typer
 
-from .common import ThreadsOpt, console, fail, postprocess_options, stain_option, use_threads
+from .common import MARKER_H_DENSE_HELP, ThreadsOpt, console, fail, postprocess_options, stain_option, use_threads
 
 __all__ = ["app", "parse_sets"]
 
@@ -145,15 +145,16 @@ def set_postprocess_cmd(
     checkpoint: Path = typer.Argument(..., help="A nuclei checkpoint (.pt)."),
     fg_threshold: Optional[float] = typer.Option(None, "--fg-threshold", help="Foreground probability threshold."),
     marker_h: Optional[float] = typer.Option(None, "--marker-h", help="Marker height of the distance map."),
+    marker_h_dense: Optional[float] = typer.Option(None, "--marker-h-dense", help=MARKER_H_DENSE_HELP),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write here instead of in place."),
     note: str = typer.Option("", "--note", help="Why (recorded in the checkpoint's postprocess_history)."),
 ) -> None:
     """Store a nuclei checkpoint's post-processing rule (what segment and evaluate use); weights unchanged."""
     from pipeline.models import set_postprocess
 
-    rule = postprocess_options(fg_threshold, marker_h)
+    rule = postprocess_options(fg_threshold, marker_h, marker_h_dense)
     if not rule:
-        raise typer.BadParameter("give --fg-threshold and/or --marker-h")
+        raise typer.BadParameter("give --fg-threshold, --marker-h and/or --marker-h-dense")
     try:
         new = set_postprocess(checkpoint, rule, out, note)
     except ValueError as err:
@@ -192,6 +193,8 @@ def evaluate_cmd(
                                                  "foreground threshold (default: each checkpoint's own)."),
     marker_h: Optional[float] = typer.Option(None, "--marker-h", help="Nuclei: score every checkpoint with this marker "
                                              "height (default: each checkpoint's own)."),
+    marker_h_dense: Optional[float] = typer.Option(None, "--marker-h-dense", help="Nuclei: score every checkpoint with "
+                                                   "this dense-tissue marker height. " + MARKER_H_DENSE_HELP),
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Score models upright, rotated and flipped (the paper's protocol), side by side; tile sets stream."""
@@ -215,7 +218,7 @@ def evaluate_cmd(
         report = evaluate(models, cfg, out, task="semantic" if semantic else None, angles=_angles(angles), split=split,
                           device=device, log=console.print, images=images or None, limit=limit, workers=workers,
                           stain_norm=stain_option(stain_norm), sensitivity=sensitivity,
-                          postprocess=postprocess_options(fg_threshold, marker_h), group=group_filter)
+                          postprocess=postprocess_options(fg_threshold, marker_h, marker_h_dense), group=group_filter)
     except ValueError as err:
         fail(err)
     _print_report(report, console)

@@ -8,6 +8,14 @@ h-maxima: scale-free, so small and large nuclei alike get one marker each), floo
 ``-distance`` inside the foreground. Foreground pieces without a marker keep one id each.
 Both maps, and so the instances, turn with the image.
 
+One marker height cannot serve sparse and crowded tissue alike: where nuclei crowd, the
+predicted distance dips little between touching nuclei, and a height that splits them
+over-splits large nuclei elsewhere. With ``marker_h_dense`` set, the height varies over the
+image with the local nuclear density (the markers at ``marker_h``, smoothed by a Gaussian of
+``density_sigma_um``): ``marker_h`` where it is at most ``dense_per_mm2[0]`` nuclei per mm²,
+``marker_h_dense`` from ``dense_per_mm2[1]`` on, log-linear between (a variable-height
+h-maxima transform). The density map is isotropic, so the instances still turn with the image.
+
 Example:
     >>> import numpy as np
     >>> fg = np.zeros((20, 40)); fg[5:15, 3:13] = 1; fg[5:15, 12:22] = 1
@@ -20,10 +28,11 @@ Example:
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
+from typing import Optional
 
 import numpy as np
 
-__all__ = ["PostProcess", "postprocess_from", "instances_from_maps"]
+__all__ = ["PostProcess", "postprocess_from", "instances_from_maps", "marker_heights"]
 
 
 @dataclass(frozen=True)
@@ -35,19 +44,36 @@ class PostProcess:
         marker_h: a peak of the distance map is a nucleus's marker when it rises at least this
             much above the saddle to any higher peak (h-maxima); lower splits more.
         min_area_px: objects smaller than this (pixels of the map being labelled) are dropped.
+        marker_h_dense: the marker height where nuclei crowd (see the module docstring); ``None``
+            (the default, and every checkpoint saved before it existed): ``marker_h`` everywhere.
+        dense_per_mm2: ``(sparse, dense)`` local nuclear densities (nuclei per mm²) between which
+            the height goes from ``marker_h`` to ``marker_h_dense``.
+        density_sigma_um: the Gaussian radius (micrometres) over which the density is measured.
     """
 
     fg_threshold: float = 0.5
     marker_h: float = 0.1
     min_area_px: int = 4
+    marker_h_dense: Optional[float] = None
+    dense_per_mm2: tuple = (8000.0, 14000.0)
+    density_sigma_um: float = 25.0
 
     def __post_init__(self) -> None:
-        for name in ("fg_threshold", "marker_h"):
+        def number(value) -> bool:
+            return not isinstance(value, bool) and isinstance(value, (int, float))
+
+        for name in ("fg_threshold", "marker_h") + (("marker_h_dense",) if self.marker_h_dense is not None else ()):
             value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 < value < 1.0:
+            if not number(value) or not 0.0 < value < 1.0:
                 raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
         if isinstance(self.min_area_px, bool) or not isinstance(self.min_area_px, int) or self.min_area_px < 0:
             raise ValueError(f"min_area_px must be an int >= 0, got {self.min_area_px!r}")
+        d = self.dense_per_mm2
+        if not isinstance(d, (tuple, list)) or len(d) != 2 or not all(number(v) for v in d) or not 0 < d[0] < d[1]:
+            raise ValueError(f"dense_per_mm2 must be two numbers 0 < sparse < dense (nuclei per mm^2), got {d!r}")
+        object.__setattr__(self, "dense_per_mm2", (float(d[0]), float(d[1])))
+        if not number(self.density_sigma_um) or not self.density_sigma_um > 0:
+            raise ValueError(f"density_sigma_um must be a number > 0, got {self.density_sigma_um!r}")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -68,7 +94,44 @@ def postprocess_from(overrides: dict, base: dict | None = None) -> PostProcess:
     return PostProcess(**{**(base or {}), **overrides})
 
 
-def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, post: PostProcess = PostProcess()) -> np.ndarray:
+def marker_heights(dist: np.ndarray, post: PostProcess, mpp: float) -> np.ndarray:
+    """The marker height at every pixel under ``post``'s density rule (see the module docstring).
+
+    Args:
+        dist: the distance map, already zero outside the foreground.
+        mpp: micrometres per pixel of the maps.
+
+    Shape:
+        ``(H, W) -> (H, W)`` float64.
+    """
+    from scipy import ndimage
+    from skimage.morphology import h_maxima
+
+    peaks, n = ndimage.label(h_maxima(dist, post.marker_h).astype(bool))
+    weight = np.zeros(dist.shape, np.float64)
+    if n:
+        sizes = np.bincount(peaks.ravel())
+        weight = np.where(peaks > 0, 1.0 / sizes[peaks], 0.0)  # each marker counts once, however wide
+    density = ndimage.gaussian_filter(weight, post.density_sigma_um / mpp, mode="reflect") / (mpp * 1e-3) ** 2
+    lo, hi = np.log(post.dense_per_mm2[0]), np.log(post.dense_per_mm2[1])
+    t = np.clip((np.log(np.maximum(density, 1e-9)) - lo) / (hi - lo), 0.0, 1.0)
+    # rounded, so that float noise of the filter's axis order cannot move a marker under a rotation
+    return np.round(post.marker_h + t * (post.marker_h_dense - post.marker_h), 6)
+
+
+def _variable_h_maxima(image: np.ndarray, h: np.ndarray) -> np.ndarray:
+    """:func:`skimage.morphology.h_maxima` with a height per pixel (the same transform, Soille ch. 6)."""
+    from skimage.morphology import reconstruction
+
+    image = image.astype(np.float64)
+    if np.all(h > np.ptp(image)):
+        return np.zeros(image.shape, bool)
+    shifted = image - h - 2 * np.finfo(np.float64).resolution * np.abs(image)
+    return (image - reconstruction(shifted, image, method="dilation")) >= h
+
+
+def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, post: PostProcess = PostProcess(),
+                        mpp: Optional[float] = None) -> np.ndarray:
     """Instance labels (0 = background, 1..N) from a foreground and a distance map.
 
     Args:
@@ -76,9 +139,13 @@ def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, pos
         dist: normalised distance to the nucleus border, ``(H, W)`` in [0, 1]; ``None`` falls
             back to connected components of the foreground.
         post: thresholds.
+        mpp: micrometres per pixel of the maps; needed by a density rule (``post.marker_h_dense``).
 
     Shape:
         ``(H, W), (H, W) -> (H, W)`` int32.
+
+    Raises:
+        ValueError: a density rule without ``mpp``.
     """
     from scipy import ndimage
     from skimage.segmentation import relabel_sequential, watershed
@@ -90,7 +157,13 @@ def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, pos
         from skimage.morphology import h_maxima
 
         dist = np.where(fg, np.asarray(dist, dtype=np.float32), 0.0).astype(np.float32)
-        markers, n = ndimage.label(h_maxima(dist, post.marker_h).astype(bool) & fg)
+        if post.marker_h_dense is None:
+            peaks = h_maxima(dist, post.marker_h).astype(bool)
+        elif mpp is None or not mpp > 0:
+            raise ValueError(f"a marker height that follows the nuclear density needs the maps' mpp (> 0), got {mpp!r}")
+        else:
+            peaks = _variable_h_maxima(dist, marker_heights(dist, post, mpp))
+        markers, n = ndimage.label(peaks & fg)
         labels = watershed(-dist, markers, mask=fg) if n else np.zeros(fg.shape, np.int32)
         orphans, _ = ndimage.label(fg & (labels == 0))  # foreground pieces with no marker
         labels = np.where(orphans > 0, orphans + labels.max(), labels)

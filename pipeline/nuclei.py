@@ -95,7 +95,7 @@ def block_probability(maps: np.ndarray, margin: int, core_hw: tuple[int, int]) -
 
 
 def block_instances(maps: np.ndarray, post: PostProcess, margin: int, core_hw: tuple[int, int], origin_xy: tuple[int, int],
-                    width: int) -> np.ndarray:
+                    width: int, mpp: Optional[float] = None) -> np.ndarray:
     """Instances of a window read with ``margin``, cropped to its core, with global centroid ids.
 
     Shape:
@@ -105,7 +105,7 @@ def block_instances(maps: np.ndarray, post: PostProcess, margin: int, core_hw: t
 
     from .instances import instances_from_maps
 
-    labels = instances_from_maps(maps[0], maps[1] if len(maps) > 1 else None, post)
+    labels = instances_from_maps(maps[0], maps[1] if len(maps) > 1 else None, post, mpp)
     n = int(labels.max())
     h, w = core_hw
     if n == 0:
@@ -132,7 +132,7 @@ def segment_block(module, mean, std, slide: Slide, origin_xy: tuple[int, int], s
     window = read_block(slide, origin_xy, size_wh, margin, model_mpp)
     maps = block_maps(module, mean, std, window if stain is None else stain(window), device, amp, tta)
     width, _, _ = model_extent(slide, model_mpp)
-    return block_probability(maps, margin, (h, w)), block_instances(maps, post, margin, (h, w), (x0, y0), width)
+    return block_probability(maps, margin, (h, w)), block_instances(maps, post, margin, (h, w), (x0, y0), width, model_mpp)
 
 
 def image_block_maps(module, mean, std, image: np.ndarray, image_mpp: float, model_mpp: float, device, amp: bool = True,
@@ -167,13 +167,14 @@ def _assemble(blocks: Sequence[tuple], dtype, core) -> np.ndarray:
     return out
 
 
-def labels_from_block_maps(blocks: Sequence[tuple], post: PostProcess, margin: int) -> np.ndarray:
-    """The instance image (model pixels) assembled from :func:`image_block_maps`' blocks.
+def labels_from_block_maps(blocks: Sequence[tuple], post: PostProcess, margin: int, mpp: Optional[float] = None) -> np.ndarray:
+    """The instance image (model pixels) assembled from :func:`image_block_maps`' blocks
+    (``mpp``: the model's, needed by a density rule, see :mod:`pipeline.instances`).
 
     Shape:
         returns ``(height, width)`` uint64.
     """
-    return _assemble(blocks, np.uint64, lambda maps, hw, xy, width: block_instances(maps, post, margin, hw, xy, width))
+    return _assemble(blocks, np.uint64, lambda maps, hw, xy, width: block_instances(maps, post, margin, hw, xy, width, mpp))
 
 
 def probability_from_block_maps(blocks: Sequence[tuple], margin: int) -> np.ndarray:
@@ -200,7 +201,7 @@ def segment_image(module, mean, std, image: np.ndarray, image_mpp: float, model_
     margin = margin_px(module) if margin is None else margin
     blocks = list(image_block_maps(module, mean, std, image, image_mpp, model_mpp, device, amp, tta, block_px, margin,
                                    stain_target))
-    return labels_from_block_maps(blocks, post, margin)
+    return labels_from_block_maps(blocks, post, margin, model_mpp)
 
 
 def labels_to_native(labels: np.ndarray, native_hw: tuple[int, int], f: float) -> np.ndarray:

@@ -1115,15 +1115,15 @@ def test_set_postprocess_changes_the_rule_and_nothing_else(tmp_path):
     assert result.exit_code == 0, result.output
     assert torch.load(src, weights_only=True)["meta"] == before["meta"]  # --out: the source is untouched
     after = torch.load(tmp_path / "n.pt", weights_only=True)
-    assert after["meta"]["postprocess"] == {**before["meta"]["postprocess"], "marker_h": 0.2}
-    assert after["meta"]["postprocess_history"][-1] == {"from": before["meta"]["postprocess"],
-                                                        "to": after["meta"]["postprocess"], "note": "a test"}
+    old_rule = PostProcess(**before["meta"]["postprocess"]).to_dict()  # fields added since it was saved take their defaults
+    assert after["meta"]["postprocess"] == {**old_rule, "marker_h": 0.2}
+    assert after["meta"]["postprocess_history"][-1] == {"from": old_rule, "to": after["meta"]["postprocess"], "note": "a test"}
     assert all(torch.equal(before["state_dict"][k], v) for k, v in after["state_dict"].items())
     assert {k: v for k, v in after.items() if k not in ("meta", "state_dict")} == \
         {k: v for k, v in before.items() if k not in ("meta", "state_dict")}
     loaded = load_model(ModelSpec(task="segment", model=str(tmp_path / "n.pt"), classes=["nucleus"]))
     assert loaded.meta["postprocess"]["marker_h"] == 0.2
-    for args, match in (([str(src), "--marker-h", "1.5"], "marker_h must be"), ([str(src)], "--fg-threshold and/or"),
+    for args, match in (([str(src), "--marker-h", "1.5"], "marker_h must be"), ([str(src)], "--marker-h and/or --marker-h-dense"),
                         ([str(tmp_path / "missing.pt"), "--marker-h", "0.2"], "missing.pt")):
         bad = CliRunner().invoke(app, ["set-postprocess", *args])
         assert bad.exit_code != 0 and match in bad.output, bad.output

@@ -103,7 +103,7 @@ def native_labels(blocks: list[tuple], post: PostProcess, module, sample, model_
     """
     from skimage.segmentation import relabel_sequential
 
-    labels = relabel_sequential(labels_from_block_maps(blocks, post, margin_px(module)).astype(np.int64))[0].astype(np.int32)
+    labels = relabel_sequential(labels_from_block_maps(blocks, post, margin_px(module), model_mpp).astype(np.int64))[0].astype(np.int32)
     return _upright_native(labels, sample, model_mpp, angle, nearest=True)
 
 
