@@ -90,7 +90,8 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
         try:
             postprocess_from(merged)
         except ValueError as err:
-            raise typer.BadParameter(f"--fg-threshold / --marker-h / --marker-h-dense: {err}") from None
+            field = next((f for f in ("marker_h_dense", "fg_threshold", "marker_h") if str(err).startswith(f)), None)
+            raise typer.BadParameter(f"{'--' + field.replace('_', '-') if field else 'post-processing'}: {err}") from None
         spec = dataclasses.replace(spec, postprocess=merged)
     return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
 

@@ -1094,7 +1094,7 @@ def test_evaluate_scores_every_checkpoint_under_a_given_post_processing(tmp_path
     assert abs(grid[other]["aji"] - plain["aji_upright"]) > 1e-3  # a setting that changes the score
     fg, h = other
     scored = evaluate([model], data, tmp_path / "set", postprocess={"fg_threshold": fg, "marker_h": h}, **quiet)["models"][model]
-    assert scored["postprocess"] == {"fg_threshold": fg, "marker_h": h, "min_area_px": 4}
+    assert scored["postprocess"] == PostProcess(**{**own, "fg_threshold": fg, "marker_h": h}).to_dict()  # the rest kept
     assert scored["aji_upright"] == pytest.approx(grid[other]["aji"]) and scored["dice_upright"] == pytest.approx(grid[other]["dice"])
     with pytest.raises(ValueError, match="marker_h must be"):
         evaluate([model], data, tmp_path / "bad", postprocess={"marker_h": 2.0}, **quiet)

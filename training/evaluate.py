@@ -176,7 +176,8 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
         stain_norm: a stain target (:func:`pipeline.stain.fit_stain_target`) every nuclei model maps
             its images onto, in place of the one its checkpoint stores (``{}``: none at all).
         sensitivity: nuclei instances: also score every checkpoint upright under each foreground
-            threshold x marker height (``TUNE_FG`` x ``TUNE_H``): ``postprocess_sensitivity`` in its report.
+            threshold x marker height (``TUNE_FG`` x ``TUNE_H``, the rest of its rule kept):
+            ``postprocess_sensitivity`` in its report.
         postprocess: nuclei: every checkpoint's post-processing is replaced by these fields of
             :class:`pipeline.instances.PostProcess` (one rule for all the models compared).
 
@@ -260,7 +261,7 @@ def evaluate(models: Sequence[str], data_cfg: DataConfig, out: str | Path, task:
             log(f"  {name_of(m)}: post-processing sensitivity ({len(TUNE_FG) * len(TUNE_H)} settings, upright)")
             report["models"][name]["postprocess_sensitivity"] = postprocess_grid(
                 m.module, samples, m.spec.mpp, dev, mean=m.mean, std=m.std, stain_target=m.meta.get("stain_norm"), full=True,
-                maps=upright_maps)
+                maps=upright_maps, base=PostProcess(**m.meta.get("postprocess", {})))
         all_rows += [{"model": name, **r} for r in rows]
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)

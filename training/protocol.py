@@ -17,6 +17,7 @@ Example::
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Optional, Sequence
 
 import numpy as np
@@ -138,11 +139,13 @@ def nuclei_probability(module, sample, model_mpp: float, device, angle: float = 
 
 def postprocess_grid(module, samples, model_mpp: float, device, amp: bool = True, progress=None,
                      stain_target: Optional[dict] = None, mean=MEAN, std=STD, full: bool = False,
-                     maps: Optional[Sequence[list]] = None) -> list[dict]:
+                     maps: Optional[Sequence[list]] = None, base: Optional[PostProcess] = None) -> list[dict]:
     """Mean scores of every ``TUNE_FG`` x ``TUNE_H`` post-processing on ``samples``, upright; the network
     runs once per image. ``full``: Dice, AJI and PQ (a sensitivity table), else AJI only.
 
     Args:
+        base: the rule whose threshold and (sparse-tissue) marker height the grid varies, the rest
+            kept (a checkpoint's density rule); default :class:`PostProcess`'s defaults.
         progress: called as ``progress(done, total)`` after each image's maps and each setting.
         maps: each sample's upright block maps (:func:`nuclei_block_maps`) when already computed:
             the network is not run again.
@@ -164,7 +167,7 @@ def postprocess_grid(module, samples, model_mpp: float, device, amp: bool = True
     rows = []
     for fg in TUNE_FG:
         for h in TUNE_H:
-            post = PostProcess(fg_threshold=fg, marker_h=h)
+            post = dataclasses.replace(base or PostProcess(), fg_threshold=fg, marker_h=h)
             labels = [(s.native_labels, native_labels(m, post, module, s, model_mpp, 0.0)) for s, m in zip(samples, maps)]
             if full:
                 scores = [segmentation_scores(t, p) for t, p in labels]
