@@ -771,7 +771,7 @@ def test_a_fixed_rule_from_the_config_validates_and_ships(tmp_path, nuclei_dir):
     summary = train(cfg, log=lambda line: None)
     best = str(tmp_path / "run" / "best.pt")
     loaded = load_model(ModelSpec(task="segment", model=best, classes=["nucleus"]))
-    assert loaded.meta["postprocess"] == {**rule, "min_area_px": 4} and "marker_h': 0.25" in summary["note"]
+    assert loaded.meta["postprocess"] == PostProcess(**rule).to_dict() and "marker_h': 0.25" in summary["note"]
     scored = evaluate([best], cfg.data, tmp_path / "eval", split="val", angles=[0], log=lambda line: None)["models"][best]
     assert loaded.meta["val_metrics"]["val_aji"] == pytest.approx(scored["aji_upright"])  # validated under the rule
     for bad, match in (({"marker_h": 2}, "postprocess: marker_h must be"), ({"h": 0.2}, r"postprocess: unknown field\(s\) \['h'\]"),

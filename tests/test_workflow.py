@@ -63,12 +63,17 @@ def _with_threshold(cfg, threshold: float):
 
 def test_postprocess_overrides_reach_the_segmentation_and_its_record(small_slide, tmp_path):
     """The config's segment.postprocess replaces the shipped checkpoint's: recorded, and a higher marker merges."""
+    import torch
+
+    from pipeline.instances import PostProcess
+
+    shipped = torch.load(REPO / "models" / "nuclei_gmr_unet.pt", weights_only=True)["meta"]["postprocess"]
     counts = {}
     for h in (0.05, 0.5):
         cfg = config_from_dict({"slides": str(small_slide), "out": str(tmp_path / f"h{h}"), "classify": None,
                                 "segment": {"preset": "nuclei", "postprocess": {"marker_h": h}}, "run": {"device": "cpu"}})
         summary = segment_slide(small_slide, cfg, cfg.out, block_px=768)
-        assert summary["postprocess"] == {"fg_threshold": 0.5, "marker_h": h, "min_area_px": 4}  # the rest: the checkpoint's
+        assert summary["postprocess"] == PostProcess(**{**shipped, "marker_h": h}).to_dict()  # the rest: the checkpoint's
         counts[h] = summary["nuclei_count"]
     assert counts[0.05] > counts[0.5] > 0
 
