@@ -94,12 +94,13 @@ def postprocess_from(overrides: dict, base: dict | None = None) -> PostProcess:
     return PostProcess(**{**(base or {}), **overrides})
 
 
-def marker_heights(dist: np.ndarray, post: PostProcess, mpp: float) -> np.ndarray:
+def marker_heights(dist: np.ndarray, post: PostProcess, mpp: float, sparse_peaks: Optional[np.ndarray] = None) -> np.ndarray:
     """The marker height at every pixel under ``post``'s density rule (see the module docstring).
 
     Args:
         dist: the distance map, already zero outside the foreground.
         mpp: micrometres per pixel of the maps.
+        sparse_peaks: ``dist``'s h-maxima at ``post.marker_h`` when already computed.
 
     Shape:
         ``(H, W) -> (H, W)`` float64.
@@ -107,7 +108,9 @@ def marker_heights(dist: np.ndarray, post: PostProcess, mpp: float) -> np.ndarra
     from scipy import ndimage
     from skimage.morphology import h_maxima
 
-    peaks, n = ndimage.label(h_maxima(dist, post.marker_h).astype(bool))
+    if sparse_peaks is None:
+        sparse_peaks = h_maxima(dist, post.marker_h).astype(bool)
+    peaks, n = ndimage.label(sparse_peaks)
     weight = np.zeros(dist.shape, np.float64)
     if n:
         sizes = np.bincount(peaks.ravel())
@@ -157,12 +160,13 @@ def instances_from_maps(fg_prob: np.ndarray, dist: np.ndarray | None = None, pos
         from skimage.morphology import h_maxima
 
         dist = np.where(fg, np.asarray(dist, dtype=np.float32), 0.0).astype(np.float32)
-        if post.marker_h_dense is None:
-            peaks = h_maxima(dist, post.marker_h).astype(bool)
-        elif mpp is None or not mpp > 0:
+        if post.marker_h_dense is not None and (mpp is None or not mpp > 0):
             raise ValueError(f"a marker height that follows the nuclear density needs the maps' mpp (> 0), got {mpp!r}")
-        else:
-            peaks = _variable_h_maxima(dist, marker_heights(dist, post, mpp))
+        peaks = h_maxima(dist, post.marker_h).astype(bool)
+        if post.marker_h_dense is not None:
+            heights = marker_heights(dist, post, mpp, peaks)
+            if np.any(heights != post.marker_h):  # else sparse everywhere: the markers at marker_h, found already
+                peaks = _variable_h_maxima(dist, heights)
         markers, n = ndimage.label(peaks & fg)
         labels = watershed(-dist, markers, mask=fg) if n else np.zeros(fg.shape, np.int32)
         orphans, _ = ndimage.label(fg & (labels == 0))  # foreground pieces with no marker

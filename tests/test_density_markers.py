@@ -121,3 +121,9 @@ def test_density_rule_round_trips_a_checkpoint_dict():
     post = PostProcess(**RULE)
     as_stored = {k: list(v) if isinstance(v, tuple) else v for k, v in post.to_dict().items()}  # JSON/YAML give lists
     assert PostProcess(**as_stored) == post
+
+
+def test_where_nuclei_are_sparse_everywhere_the_rule_is_the_one_height_rule_exactly():
+    fg, dist, _ = paired_nuclei([(30, 40), (90, 40), (30, 160), (90, 160)])  # ~1,000 nuclei per mm^2
+    fixed = instances_from_maps(fg, dist, PostProcess(marker_h=0.1, min_area_px=0))
+    assert np.array_equal(instances_from_maps(fg, dist, PostProcess(**RULE), mpp=MPP), fixed) and fixed.max() == 4
