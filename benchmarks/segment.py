@@ -6,6 +6,11 @@ model's resolution, and ``segment_slide`` end to end (tissue, reading, model, wa
 OME-Zarr, GeoJSON) for the first candidate, the pipeline's default. The previous default
 (``gmr_unet``, base 32, kernels 9/9/5/5, random weights) is measured alongside.
 
+Post-processing (the maps -> instances step, on the CPU whatever the device) is timed apart, on
+the first candidate's maps of the slide's most tissue-filled blocks: under the checkpoint's own
+rule and under the same rule with one marker height (``marker_h_dense`` off), so the cost of a
+density rule is one ratio measured in one run (:func:`postprocess_timing`).
+
 Example::
 
     result = run_segment_benchmark("data/demo/CMU-1-Small-Region.svs", repeats=2)
@@ -23,14 +28,17 @@ import torch
 
 from .common import device_name, interleaved_best_ms
 
-__all__ = ["run_segment_benchmark", "PREVIOUS_DEFAULT"]
+__all__ = ["run_segment_benchmark", "postprocess_timing", "PREVIOUS_DEFAULT"]
 
 PREVIOUS_DEFAULT = {"model": "gmr_unet", "model_kwargs": {"base_channels": 32, "kernel_sizes": [9, 9, 5, 5]}}
 
 
 def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = None, device: str = "auto", repeats: int = 2,
-                          block_px: int = 1024, end_to_end: bool = True, progress=None) -> dict:
-    """Mpx/s of the model alone per candidate, and the default's end-to-end time on ``slide``."""
+                          block_px: int = 1024, end_to_end: bool = True, progress=None, postprocess_blocks: int = 4,
+                          mpp: Optional[float] = None) -> dict:
+    """Mpx/s of the model alone per candidate, the first one's post-processing under its rule and
+    under one height on up to ``postprocess_blocks`` blocks (0: not timed), and the default's
+    end-to-end time on ``slide`` (``mpp``: the slide's, where the file has none)."""
     import dataclasses
 
     from pipeline.config import PRESETS, ModelSpec, config_from_dict
@@ -58,12 +66,21 @@ def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = N
         n: {"margin_px": margins[n], "block_ms": round(best[n], 1), "megapixels_per_s": round(block_px**2 / best[n] / 1e3, 3)}
         for n in fns}}
     first = next(iter(specs))
+    if postprocess_blocks > 0:
+        from pipeline.read import open_slide
+
+        if progress:
+            progress(f"post-processing with {first}")
+        loaded = prepare_model(load_model(specs[first], check=False), dev)
+        result["postprocess"] = {"model": first, **postprocess_timing(open_slide(slide, mpp=mpp), loaded, dev, repeats,
+                                                                      block_px, postprocess_blocks)}
     if end_to_end:
         if progress:
             progress(f"segment_slide end to end with {first}")
         with tempfile.TemporaryDirectory() as tmp:
             cfg = config_from_dict({"slides": str(slide), "out": tmp, "classify": None,
-                                    "segment": {**PRESETS["nuclei"], "model": specs[first].model}})
+                                    "segment": {**PRESETS["nuclei"], "model": specs[first].model},
+                                    **({"mpp": mpp} if mpp is not None else {})})
             start = time.perf_counter()
             summary = segment_slide(slide, cfg, tmp, device=device, block_px=block_px)
             wall = time.perf_counter() - start
@@ -71,6 +88,64 @@ def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = N
                                 "blocks": summary["blocks"], "megapixels": round(summary["blocks"] * block_px**2 / 1e6, 2)}
         result["end_to_end"]["megapixels_per_s"] = round(result["end_to_end"]["megapixels"] / wall, 3)
     return result
+
+
+def postprocess_timing(slide, loaded, device, repeats: int = 2, block_px: int = 1024, max_blocks: int = 4) -> dict:
+    """Best-of-``repeats`` time of turning maps into instances, under ``loaded``'s rule and under
+    the same rule with one marker height, on the maps of ``slide``'s ``max_blocks`` blocks with the
+    most tissue (all blocks, first first, where no tissue is found). The network runs once per block.
+
+    Returns:
+        ``{"blocks", "block_px", "rules": {name: {"rule", "ms", "ms_per_block", "nuclei"}},
+        "ratio"}``: ``nuclei`` counts the instances that reach into the blocks' cores; ``ratio`` is the checkpoint's rule's time over one height's (absent when the
+        checkpoint has one height already).
+    """
+    import dataclasses
+    import math
+
+    from pipeline.instances import instances_from_maps, postprocess_from
+    from pipeline.nuclei import block_maps, block_origins, margin_px, model_extent, read_block
+    from pipeline.tissue import NoTissueError, detect_tissue
+
+    if max_blocks < 1:
+        raise ValueError(f"max_blocks must be >= 1, got {max_blocks}")
+    spec = loaded.spec
+    own = postprocess_from({}, loaded.meta.get("postprocess", {}))
+    rules = {"checkpoint's rule": own}
+    if own.marker_h_dense is not None:
+        rules["one height"] = dataclasses.replace(own, marker_h_dense=None)
+    width, height, _ = model_extent(slide, spec.mpp)
+    origins = block_origins(width, height, block_px)
+    try:
+        mask_mpp = 8.0
+        mask = detect_tissue(slide, mask_mpp)
+        s = mask_mpp / spec.mpp  # model px per mask px
+        filled = [float(mask[int(y / s): math.ceil((y + block_px) / s), int(x / s): math.ceil((x + block_px) / s)].mean())
+                  for x, y in origins]
+        origins = [o for _, o in sorted(zip(filled, origins), key=lambda p: -p[0])]
+    except NoTissueError:
+        pass
+    margin = margin_px(loaded.module)
+    maps, cores = [], []
+    for x0, y0 in origins[:max_blocks]:
+        w, h = min(block_px, width - x0), min(block_px, height - y0)
+        maps.append(block_maps(loaded.module, loaded.mean, loaded.std, read_block(slide, (x0, y0), (w, h), margin, spec.mpp), device))
+        cores.append((slice(margin, margin + h), slice(margin, margin + w)))
+
+    def run(post):
+        return [instances_from_maps(m[0], m[1] if len(m) > 1 else None, post, spec.mpp) for m in maps]
+
+    def in_cores(labels) -> int:  # instances that reach into a block's core (the margin is context only)
+        return sum(int(np.count_nonzero(np.unique(lab[core]))) for lab, core in zip(labels, cores))
+
+    best = interleaved_best_ms({name: (lambda p=post: run(p)) for name, post in rules.items()}, torch.device("cpu"),
+                               repeats, warmup=1)
+    out = {"blocks": len(maps), "block_px": block_px, "rules": {
+        name: {"rule": post.to_dict(), "ms": round(best[name], 1), "ms_per_block": round(best[name] / len(maps), 1),
+               "nuclei": in_cores(run(post))} for name, post in rules.items()}}
+    if len(rules) > 1:
+        out["ratio"] = round(best["checkpoint's rule"] / best["one height"], 2)
+    return out
 
 
 def _label(model: str, models: Sequence[str]) -> str:

@@ -232,15 +232,21 @@ def bench_segment(
     repeats: int = _repeats(2, "Forward passes per candidate; the best is reported."),
     block_px: int = typer.Option(1024, min=64, help="Block side at the model's mpp."),
     end_to_end: bool = typer.Option(True, help="Also time segment_slide on the whole slide."),
+    postprocess_blocks: int = typer.Option(4, min=0, help="Time post-processing (maps -> instances) under the first "
+                                           "candidate's rule and under one marker height on this many of the slide's "
+                                           "most tissue-filled blocks; 0: not timed."),
+    mpp: Optional[float] = typer.Option(None, help="The slide's microns per pixel, where the file has none (a PNG crop)."),
     out: Path = _json_out("benchmark_segment"),
 ) -> None:
-    """Nuclei segmentation: Mpx/s of the model alone per candidate, and the whole slide end to end."""
+    """Nuclei segmentation: Mpx/s of the model alone per candidate, its post-processing under its own rule and
+    under one marker height, and the whole slide end to end."""
     from benchmarks.common import write_json
     from benchmarks.segment import run_segment_benchmark
 
     try:
         with console.status("benchmarking segmentation") as status:
-            result = run_segment_benchmark(slide, model or None, device, repeats, block_px, end_to_end, progress=status.update)
+            result = run_segment_benchmark(slide, model or None, device, repeats, block_px, end_to_end, progress=status.update,
+                                           postprocess_blocks=postprocess_blocks, mpp=mpp)
     except ValueError as err:
         fail(err)
     table = Table(title=f"nuclei segmentation, {result['device']}, blocks of {block_px} px")
@@ -249,6 +255,16 @@ def bench_segment(
     for name, r in result["model_alone"].items():
         table.add_row(name, str(r["margin_px"]), f"{r['block_ms']:.0f}", f"{r['megapixels_per_s']:.3f}")
     Console(width=160).print(table)
+    if "postprocess" in result:
+        p = result["postprocess"]
+        table = Table(title=f"post-processing (maps -> instances, CPU) of {p['model']}'s maps, {p['blocks']} blocks")
+        for col in ("rule", "ms per block", "nuclei"):
+            table.add_column(col)
+        for name, r in p["rules"].items():
+            table.add_row(name, f"{r['ms_per_block']:.0f}", str(r["nuclei"]))
+        Console(width=160).print(table)
+        if "ratio" in p:
+            console.print(f"checkpoint's rule / one height: {p['ratio']:.2f}x")
     if "end_to_end" in result:
         e = result["end_to_end"]
         console.print(f"segment_slide {slide.name} with {e['model']}: {e['wall_s']:.1f} s, {e['blocks']} blocks, "

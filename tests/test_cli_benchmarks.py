@@ -157,3 +157,44 @@ def test_benchmark_viewer_reports_time_and_disk_per_megapixel(tmp_path):
     (row,) = json.loads(out.read_text())["rows"]
     assert row["megapixels"] == round(2220 * 2967 / 1e6, 2) and row["disk_mib_per_mpx"] > 0 and row["viewer_vs_classify"] > 0
     assert row["viewer_again_s"] < row["viewer_s"]  # written once: the second call reuses the tiles
+
+
+def test_benchmark_segment_times_post_processing_under_the_checkpoints_rule_and_one_height(tmp_path):
+    """A crowded real crop (MoNuSeg kidney, 0.25 um/px PNG: the file has no mpp, so --mpp) where the
+    shipped checkpoint's density rule splits more than one height: both rules are timed on the same
+    maps, the ratio is the one of their times, and the counts are the rules' own instances."""
+    import numpy as np
+    from PIL import Image
+
+    from conftest import SHARED_DATA
+
+    source = SHARED_DATA / "nuclei" / "monuseg2018" / "images" / "TCGA-HE-7130-01Z-00-DX1.png"
+    if not source.is_file():  # not there outside CI: a crop of the demo slide's tissue stands in
+        from conftest import DEMO_SLIDE
+        from pipeline.read import open_slide, read_region
+
+        slide = open_slide(DEMO_SLIDE)
+        crop = read_region(slide, (900, 1200), (400, 400), slide.mpp)
+    else:
+        crop = np.asarray(Image.open(source).convert("RGB"))[:400, :400]
+    png = tmp_path / "crop.png"
+    Image.fromarray(crop).save(png)
+    data = run_json(["benchmark", "segment", str(png), "--mpp", "0.25", "--no-end-to-end", "--block-px", "128",
+                     "--postprocess-blocks", "2"], tmp_path / "seg.json")
+    post = data["postprocess"]
+    assert post["model"] == "nuclei_gmr_unet.pt" and post["blocks"] == 2 and post["block_px"] == 128
+    own, one = post["rules"]["checkpoint's rule"], post["rules"]["one height"]
+    assert own["rule"]["marker_h_dense"] is not None and one["rule"]["marker_h_dense"] is None
+    assert {k: v for k, v in own["rule"].items() if k != "marker_h_dense"} == \
+        {k: v for k, v in one["rule"].items() if k != "marker_h_dense"}
+    assert own["nuclei"] >= one["nuclei"] > 0  # a lower height where nuclei crowd never finds fewer markers
+    assert abs(post["ratio"] - own["ms"] / one["ms"]) < 0.02  # both times rounded to 0.1 ms, the ratio to 0.01
+
+
+def test_postprocess_timing_refuses_no_blocks():
+    import pytest
+
+    from benchmarks.segment import postprocess_timing
+
+    with pytest.raises(ValueError, match="max_blocks"):
+        postprocess_timing(None, None, None, max_blocks=0)
