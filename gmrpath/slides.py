@@ -84,14 +84,14 @@ def _task_config(task: str, preset: str, config, mpp, model, device, batch_size,
     if stain_norm is not None:
         spec = dataclasses.replace(spec, stain_norm=stain_norm)
     if postprocess:
-        from pipeline.instances import postprocess_from
+        from pipeline.instances import PostProcessError, postprocess_from
 
         merged = {**spec.postprocess, **postprocess}
         try:
             postprocess_from(merged)
-        except ValueError as err:
-            field = next((f for f in ("marker_h_dense", "fg_threshold", "marker_h") if str(err).startswith(f)), None)
-            raise typer.BadParameter(f"{'--' + field.replace('_', '-') if field else 'post-processing'}: {err}") from None
+        except PostProcessError as err:
+            option = f"--{err.field.replace('_', '-')}" if err.field in postprocess else "post-processing"
+            raise typer.BadParameter(f"{option}: {err}") from None
         spec = dataclasses.replace(spec, postprocess=merged)
     return _run_overrides(dataclasses.replace(cfg, **{task: spec}), device, batch_size, num_workers, tta)
 

@@ -32,7 +32,16 @@ from typing import Optional
 
 import numpy as np
 
-__all__ = ["PostProcess", "postprocess_from", "instances_from_maps", "marker_heights"]
+__all__ = ["PostProcess", "PostProcessError", "postprocess_from", "instances_from_maps", "marker_heights"]
+
+
+class PostProcessError(ValueError):
+    """A bad post-processing rule; ``field`` names the :class:`PostProcess` field at fault (``None``:
+    the rule as a whole), so a command line can name its own option for it."""
+
+    def __init__(self, message: str, field: Optional[str] = None):
+        super().__init__(message)
+        self.field = field
 
 
 @dataclass(frozen=True)
@@ -65,15 +74,16 @@ class PostProcess:
         for name in ("fg_threshold", "marker_h") + (("marker_h_dense",) if self.marker_h_dense is not None else ()):
             value = getattr(self, name)
             if not number(value) or not 0.0 < value < 1.0:
-                raise ValueError(f"{name} must be a number strictly between 0 and 1, got {value!r}")
+                raise PostProcessError(f"{name} must be a number strictly between 0 and 1, got {value!r}", name)
         if isinstance(self.min_area_px, bool) or not isinstance(self.min_area_px, int) or self.min_area_px < 0:
-            raise ValueError(f"min_area_px must be an int >= 0, got {self.min_area_px!r}")
+            raise PostProcessError(f"min_area_px must be an int >= 0, got {self.min_area_px!r}", "min_area_px")
         d = self.dense_per_mm2
         if not isinstance(d, (tuple, list)) or len(d) != 2 or not all(number(v) for v in d) or not 0 < d[0] < d[1]:
-            raise ValueError(f"dense_per_mm2 must be two numbers 0 < sparse < dense (nuclei per mm^2), got {d!r}")
+            raise PostProcessError(f"dense_per_mm2 must be two numbers 0 < sparse < dense (nuclei per mm^2), got {d!r}",
+                                   "dense_per_mm2")
         object.__setattr__(self, "dense_per_mm2", (float(d[0]), float(d[1])))
         if not number(self.density_sigma_um) or not self.density_sigma_um > 0:
-            raise ValueError(f"density_sigma_um must be a number > 0, got {self.density_sigma_um!r}")
+            raise PostProcessError(f"density_sigma_um must be a number > 0, got {self.density_sigma_um!r}", "density_sigma_um")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -83,14 +93,15 @@ def postprocess_from(overrides: dict, base: dict | None = None) -> PostProcess:
     """The rule ``base`` (e.g. a checkpoint's) with ``overrides`` over it.
 
     Raises:
-        ValueError: ``overrides`` is not a mapping, names an unknown field, or gives a bad value.
+        PostProcessError: ``overrides`` is not a mapping, names an unknown field, or gives a bad value
+            (a :class:`ValueError` naming the field at fault).
     """
     known = [f.name for f in fields(PostProcess)]
     if not isinstance(overrides, dict):
-        raise ValueError(f"must be a mapping of {', '.join(known)}, got {overrides!r}")
+        raise PostProcessError(f"must be a mapping of {', '.join(known)}, got {overrides!r}")
     unknown = sorted(set(overrides) - set(known))
     if unknown:
-        raise ValueError(f"unknown field(s) {unknown}; known: {', '.join(known)}")
+        raise PostProcessError(f"unknown field(s) {unknown}; known: {', '.join(known)}")
     return PostProcess(**{**(base or {}), **overrides})
 
 

@@ -166,6 +166,8 @@ def test_a_pale_crop_is_segmented_whole_not_refused(tmp_path):
     args = ["segment", str(tmp_path / "pale.png"), "--mpp", "0.5", "--out", str(tmp_path / "out"), "--device", "cpu"]
     bad = CliRunner().invoke(app, args + ["--marker-h", "1.5"])
     assert bad.exit_code != 0 and "--marker-h" in bad.output and "marker_h must be" in bad.output
+    bad = CliRunner().invoke(app, args + ["--marker-h-dense", "1.5"])
+    assert bad.exit_code != 0 and "--marker-h-dense" in bad.output and "marker_h_dense must be" in bad.output
     assert not (tmp_path / "out").exists()
     result = CliRunner().invoke(app, args + ["--marker-h", "0.3"])
     assert result.exit_code == 0, result.output

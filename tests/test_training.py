@@ -361,10 +361,13 @@ def test_watershed_separates_touching_nuclei_and_rotates_with_the_image():
         assert aji(np.rot90(pred, k), rot) == pytest.approx(1.0)
 
 
-@pytest.mark.parametrize("bad", [{"fg_threshold": 1.0}, {"marker_h": 0}, {"min_area_px": -1}, {"fg_threshold": True}])
-def test_postprocess_rejects_bad_values(bad):
-    with pytest.raises(ValueError, match=next(iter(bad))):
+@pytest.mark.parametrize("bad", [{"fg_threshold": 1.0}, {"marker_h": 0}, {"min_area_px": -1}, {"fg_threshold": True},
+                                 {"marker_h_dense": 1.2}, {"dense_per_mm2": (9000, 8000)}, {"density_sigma_um": 0}])
+def test_postprocess_rejects_bad_values_naming_the_field(bad):
+    field = next(iter(bad))
+    with pytest.raises(ValueError, match=field) as err:
         PostProcess(**bad)
+    assert err.value.field == field  # what lets a command line name its own option for it
 
 
 # --- metrics -----------------------------------------------------------------------------------------------------
