@@ -97,8 +97,14 @@ def postprocess_timing(slide, loaded, device, repeats: int = 2, block_px: int = 
 
     Returns:
         ``{"blocks", "block_px", "rules": {name: {"rule", "ms", "ms_per_block", "nuclei"}},
-        "ratio"}``: ``nuclei`` counts the instances that reach into the blocks' cores; ``ratio`` is the checkpoint's rule's time over one height's (absent when the
-        checkpoint has one height already).
+        "ratio"}``: ``nuclei`` counts the instances that reach into the blocks' cores; ``ratio``
+        is the checkpoint's rule's time over one height's (absent when the checkpoint has one
+        height already).
+
+    Example::
+
+        loaded = prepare_model(load_model(spec), torch.device("cpu"))
+        postprocess_timing(open_slide("crop.png", mpp=0.25), loaded, torch.device("cpu"))["ratio"]
     """
     import dataclasses
     import math
@@ -116,8 +122,8 @@ def postprocess_timing(slide, loaded, device, repeats: int = 2, block_px: int = 
         rules["one height"] = dataclasses.replace(own, marker_h_dense=None)
     width, height, _ = model_extent(slide, spec.mpp)
     origins = block_origins(width, height, block_px)
+    mask_mpp = 8.0
     try:
-        mask_mpp = 8.0
         mask = detect_tissue(slide, mask_mpp)
         s = mask_mpp / spec.mpp  # model px per mask px
         filled = [float(mask[int(y / s): math.ceil((y + block_px) / s), int(x / s): math.ceil((x + block_px) / s)].mean())
