@@ -52,9 +52,9 @@ def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = N
     specs = {_label(m, models or [base.model]): dataclasses.replace(base, model=m) for m in (models or [base.model])}
     specs["previous default (gmr_unet b32 9/9/5/5)"] = dataclasses.replace(base, **PREVIOUS_DEFAULT)
     rng = np.random.default_rng(0)
-    fns, margins = {}, {}
+    fns, margins, models_loaded = {}, {}, {}
     for name, spec in specs.items():
-        loaded = prepare_model(load_model(spec, check=False), dev)
+        loaded = models_loaded[name] = prepare_model(load_model(spec, check=False), dev)
         m = model_margin_px(loaded)
         region = torch.from_numpy(rng.integers(0, 255, (block_px + 2 * m, block_px + 2 * m, 3), dtype=np.uint8))
         fns[name] = lambda lm=loaded, r=region: segment_maps(lm.module, r, lm.mean, lm.std, dev)
@@ -71,9 +71,8 @@ def run_segment_benchmark(slide: str | Path, models: Optional[Sequence[str]] = N
 
         if progress:
             progress(f"post-processing with {first}")
-        loaded = prepare_model(load_model(specs[first], check=False), dev)
-        result["postprocess"] = {"model": first, **postprocess_timing(open_slide(slide, mpp=mpp), loaded, dev, repeats,
-                                                                      block_px, postprocess_blocks)}
+        result["postprocess"] = {"model": first, **postprocess_timing(open_slide(slide, mpp=mpp), models_loaded[first], dev,
+                                                                      repeats, block_px, postprocess_blocks)}
     if end_to_end:
         if progress:
             progress(f"segment_slide end to end with {first}")
@@ -107,10 +106,10 @@ def postprocess_timing(slide, loaded, device, repeats: int = 2, block_px: int = 
         postprocess_timing(open_slide("crop.png", mpp=0.25), loaded, torch.device("cpu"))["ratio"]
     """
     import dataclasses
-    import math
 
+    from pipeline.config import TissueConfig
     from pipeline.instances import instances_from_maps, postprocess_from
-    from pipeline.nuclei import block_maps, block_origins, margin_px, model_extent, read_block
+    from pipeline.nuclei import block_maps, block_origins, block_tissue, margin_px, model_extent, read_block
     from pipeline.tissue import NoTissueError, detect_tissue
 
     if max_blocks < 1:
@@ -122,12 +121,10 @@ def postprocess_timing(slide, loaded, device, repeats: int = 2, block_px: int = 
         rules["one height"] = dataclasses.replace(own, marker_h_dense=None)
     width, height, _ = model_extent(slide, spec.mpp)
     origins = block_origins(width, height, block_px)
-    mask_mpp = 8.0
+    tissue = TissueConfig()  # the pipeline's defaults, as segment_slide finds tissue
     try:
-        mask = detect_tissue(slide, mask_mpp)
-        s = mask_mpp / spec.mpp  # model px per mask px
-        filled = [float(mask[int(y / s): math.ceil((y + block_px) / s), int(x / s): math.ceil((x + block_px) / s)].mean())
-                  for x, y in origins]
+        mask = detect_tissue(slide, tissue.mask_mpp, tissue.min_object_um2)
+        filled = [float(block_tissue(mask, o, block_px, tissue.mask_mpp / spec.mpp).mean()) for o in origins]
         origins = [o for _, o in sorted(zip(filled, origins), key=lambda p: -p[0])]
     except NoTissueError:
         pass

@@ -32,7 +32,7 @@ import numpy as np
 from .instances import PostProcess
 from .read import Slide, read_region, slide_from_array
 
-__all__ = ["margin_px", "block_origins", "read_block", "block_maps", "block_probability", "block_instances", "segment_block",
+__all__ = ["margin_px", "block_origins", "block_tissue", "read_block", "block_maps", "block_probability", "block_instances", "segment_block",
            "image_block_maps", "labels_from_block_maps", "probability_from_block_maps", "segment_image", "labels_to_native"]
 
 
@@ -51,6 +51,19 @@ def model_extent(slide: Slide, model_mpp: float) -> tuple[int, int, float]:
 def block_origins(width: int, height: int, block_px: int) -> list[tuple[int, int]]:
     """Top-left ``(x, y)`` of every block, row by row; block ``k`` of this list has chunk id ``k``."""
     return [(x, y) for y in range(0, height, block_px) for x in range(0, width, block_px)]
+
+
+def block_tissue(mask: np.ndarray, origin_xy: tuple[int, int], block_px: int, px_per_mask_px: float) -> np.ndarray:
+    """The tissue-mask pixels under the block at ``origin_xy`` (model pixels); never empty: a thin last
+    block may start inside the mask's last pixel.
+
+    Shape:
+        mask ``(Hm, Wm)`` bool -> ``(h, w)`` bool, h, w >= 1.
+    """
+    x0, y0 = origin_xy
+    my, mx = mask.shape[0] - 1, mask.shape[1] - 1
+    return mask[min(int(y0 / px_per_mask_px), my): math.ceil((y0 + block_px) / px_per_mask_px),
+                min(int(x0 / px_per_mask_px), mx): math.ceil((x0 + block_px) / px_per_mask_px)]
 
 
 def read_block(slide: Slide, origin_xy: tuple[int, int], size_wh: tuple[int, int], margin: int, model_mpp: float) -> np.ndarray:

@@ -18,14 +18,13 @@ Example::
 
 from __future__ import annotations
 
-import math
 import time
 from pathlib import Path
 from typing import Optional
 
 import numpy as np
 
-from .nuclei import block_origins, margin_px, model_extent, segment_block
+from .nuclei import block_origins, block_tissue, margin_px, model_extent, segment_block
 from .stain import stain_mapper, stain_option_target
 from .outputs import disk_errors, slide_lock
 from .read import slide_id
@@ -96,9 +95,8 @@ def segment_slide(path: str | Path, cfg, out_dir: str | Path, device: Optional[s
             mask = np.zeros((1, 1), bool)  # a pale crop: no tissue found, segmented whole all the same
         width, height, f = model_extent(slide, spec.mpp)  # f: level-0 px per output px
         m = cfg.tissue.mask_mpp / spec.mpp  # output px per mask px
-        my, mx = mask.shape[0] - 1, mask.shape[1] - 1  # a thin last block may start inside the mask's last pixel
         blocks = [(k, x0, y0) for k, (x0, y0) in enumerate(block_origins(width, height, block_px))
-                  if whole or mask[min(int(y0 / m), my): math.ceil((y0 + block_px) / m), min(int(x0 / m), mx): math.ceil((x0 + block_px) / m)].any()]
+                  if whole or block_tissue(mask, (x0, y0), block_px, m).any()]
         final = paths["nuclei_zarr"]
         margin = model_margin_px(loaded)
         stain_target = segment_stain_target(spec, loaded)

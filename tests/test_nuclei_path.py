@@ -129,8 +129,8 @@ MONUSEG = SHARED_DATA / "nuclei" / "monuseg2018"
 # measured Dice and AJI. The model shipped before (results/eval/monuseg_val_oriented: 0.746 / 0.468 and 0.768 / 0.467)
 # fails them on both images.
 # TCGA-RD-A8N9 (stomach) is crowded: the density-following marker height scores 0.888 / 0.695 there, the same weights
-# with one height 0.653 (0.15) or 0.676 (0.1) AJI (results/eval/rd_onehight015, results/eval/monuseg_val_density),
-# under its AJI floor.
+# with one height 0.653 (0.15) or 0.676 (0.1) AJI, under its AJI floor (`gmrpath evaluate models/nuclei_gmr_unet.pt
+# --data MONUSEG --mpp 0.25 --images 'TCGA-RD-A8N9*' --angles 0 --marker-h-dense 0 [--marker-h 0.1]`).
 FLOORS = {"TCGA-21-5786-01Z-00-DX1": (0.729, 0.483), "TCGA-E2-A1B5-01Z-00-DX1": (0.774, 0.460),
           "TCGA-RD-A8N9-01A-01-TS1": (0.878, 0.685)}
 
@@ -199,3 +199,15 @@ def test_a_nucleus_in_pieces_is_one_multipolygon_with_all_its_pixels():
     total = sum(area(rings[0]) - sum(area(r) for r in rings[1:]) for rings in geom["coordinates"])
     assert total == mask.sum() == 15
     assert pixel_pieces(mask[:2, :2]) == [([(0, 0), (2, 0), (2, 2), (0, 2)], [])]  # one piece: a plain polygon
+
+
+def test_block_tissue_is_the_mask_under_a_block_and_never_empty():
+    from pipeline.nuclei import block_tissue
+
+    mask = np.zeros((4, 5), bool)
+    mask[3, 4] = True  # 16 model px per mask px: the last mask pixel covers rows 48..63, columns 64..79
+    assert block_tissue(mask, (32, 16), 32, 16.0).shape == (2, 2)
+    assert block_tissue(mask, (64, 48), 32, 16.0).shape == (1, 1) and block_tissue(mask, (64, 48), 32, 16.0).all()
+    thin = block_tissue(mask, (80, 64), 32, 16.0)  # a thin last block past the mask's end (the model grid is rounded up)
+    assert thin.shape == (1, 1) and thin.all()
+    assert not block_tissue(mask, (0, 0), 32, 16.0).any()
