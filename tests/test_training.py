@@ -763,6 +763,24 @@ def test_no_selection_run_keeps_the_last_epoch_and_the_fixed_postprocessing(tmp_
             load_train_config(write_cfg(tmp_path, **bad), {"data": {"root": str(nuclei_dir)}})
 
 
+def test_val_every_scores_only_every_nth_epoch_and_the_last(tmp_path, nuclei_dir):
+    """val_every 2 over 3 epochs: epochs 2 and 3 are validated, epoch 1 is not; a choosing run refuses it."""
+    import csv
+
+    from training.loop import train
+
+    path = write_cfg(tmp_path, epochs=3, select="last", postprocess="fixed", val_angles=[], val_every=2)
+    train(load_train_config(path, {"data": {"root": str(nuclei_dir)}}), log=lambda line: None)
+    rows = list(csv.DictReader(open(tmp_path / "run" / "metrics.csv")))
+    assert [bool(r["val_aji"]) for r in rows] == [False, True, True]
+    loaded = load_model(ModelSpec(task="segment", model=str(tmp_path / "run" / "best.pt"), classes=["nucleus"]))
+    assert loaded.meta["epoch"] == 3 and "val_aji" in loaded.meta["val_metrics"]
+    for bad, match in (({"val_every": 0}, "val_every must be an int >= 1"), ({"val_every": 2.0}, "val_every must be an int"),
+                       ({"val_every": 2, "select": "val_aji"}, "val_every must be 1 when select is 'val_aji'")):
+        with pytest.raises(TrainConfigError, match=match):
+            load_train_config(write_cfg(tmp_path, **bad), {"data": {"root": str(nuclei_dir)}})
+
+
 def test_a_fixed_rule_from_the_config_validates_and_ships(tmp_path, nuclei_dir):
     """postprocess: {fg_threshold, marker_h}: every epoch is validated with it and best.pt stores it."""
     from training.evaluate import evaluate

@@ -129,6 +129,9 @@ class TrainConfig:
             autocast on the CPU (only faster with bf16 instructions); ``compile``: ``torch.compile``
             the network (slow first steps, faster after). ``gmrpath benchmark train`` measures each.
         val_angles: rotations (degrees) at which validation is also scored each epoch.
+        val_every: validate every this many epochs, and always after the last; above 1 only with
+            ``select: last`` (an epoch never validated cannot be chosen). Saves time when the
+            validation images choose nothing.
         select: the validation metric that picks ``best.pt`` (higher is better), or ``last``: no
             selection, ``best.pt`` is the last epoch (the validation images then choose nothing).
         postprocess: ``tune`` (foreground threshold and marker height chosen on the validation
@@ -163,6 +166,7 @@ class TrainConfig:
     amp: bool = True
     device: str = "auto"
     val_angles: list = field(default_factory=list)
+    val_every: int = 1
     select: str = "val_aji"
     init: Optional[str] = None
     targets: str = "aligned"
@@ -232,6 +236,11 @@ def _validate(cfg: TrainConfig, source: str) -> None:
         bad("postprocess", "'tune', 'fixed' or a mapping of fg_threshold, marker_h, min_area_px", cfg.postprocess)
     if not isinstance(cfg.select, str) or not (cfg.select == "last" or cfg.select.startswith("val_")):
         bad("select", "'last' or a validation metric such as 'val_aji'", cfg.select)
+    if isinstance(cfg.val_every, bool) or not isinstance(cfg.val_every, int) or cfg.val_every < 1:
+        bad("val_every", "an int >= 1", cfg.val_every)
+    if cfg.val_every > 1 and cfg.select != "last":
+        bad("val_every", f"1 when select is {cfg.select!r} (every epoch must be scored to choose one), or select: last",
+            cfg.val_every)
     if not _number(cfg.separation_weight, positive=False):
         bad("separation_weight", "a number >= 0", cfg.separation_weight)
     if cfg.stain_norm is not None:

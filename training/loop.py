@@ -347,7 +347,7 @@ def train(cfg: TrainConfig, resume: bool = False, skip_bad: bool = False,
             row["train_loss"] = float(t[0] / t[1])
         if rank == 0:
             row["train_s"] = round(time.perf_counter() - t0, 1)
-            if data.val:
+            if data.val and ((epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs):
                 row.update(_validate_segment(module, data, cfg, device) if cfg.task == "segment"
                            else _validate_classify(module, val_loader, device, len(data.classes), cfg.amp, bad, cfg.channels_last))
             if bad:
